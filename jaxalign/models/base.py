@@ -1,0 +1,166 @@
+"""What every causal LM in ``jaxalign.models`` shares: outputs, the KV cache, positions, attention, RoPE.
+
+Letters: B batch, T new tokens, S cache length (keys), D model width, N query heads, K key/value heads,
+H head dim, V vocabulary, L layers.
+
+The calling convention of every model (``model(input_ids_BT, attention_mask_BT, cache=None, ...)``):
+
+* Positions come from the mask: the position of a token is the number of valid tokens before it in its
+  row (counting the cache). So left padding, right padding and gaps all give HF's positions.
+* Causality is by position: a query attends to valid keys whose position is ``<=`` its own. A cache may
+  hold padding (``valid`` False) anywhere; the continuation of a right-padded prompt is therefore exact.
+* With a cache, the new tokens' keys/values are written at ``[cache.end, cache.end + T)`` and the queries
+  attend over all ``S`` slots. The shared-prompt trick: run the prompt ``[B, Tp]`` into a cache sized
+  ``Tp + Tr``, ``cache.repeat(2)``, then run chosen and rejected responses ``[2B, Tr]`` against it.
+  Generation uses the same path one token at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+class ModelOutput(NamedTuple):
+    """Result of a forward pass.
+
+    Attributes:
+      logits: ``[B, T, V]`` float32, or ``None`` when ``return_logits=False`` (the CHES path).
+      hidden: ``[B, T, D]`` the final hidden states after the last norm (the lm_head input).
+      layer_hidden: ``None``, or a tuple of ``L + 1`` arrays ``[B, T, D]``: the embeddings' output and
+        each block's output (HF ``output_hidden_states`` order, except that HF's last entry is after the
+        final norm; ours is the raw last block output and ``hidden`` is the normed one).
+      cache: the updated :class:`KVCache` when one was passed, else ``None``.
+    """
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    layer_hidden: tuple[jax.Array, ...] | None = None
+    cache: "KVCache | None" = None
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of earlier tokens, one entry per layer.
+
+    Attributes:
+      keys: tuple of ``L`` arrays ``[B, S, K, H]``.
+      values: tuple of ``L`` arrays ``[B, S, K, H]``.
+      positions: ``[B, S]`` int32 position of each slot.
+      valid: ``[B, S]`` bool, whether the slot holds a real token.
+      end: int32 scalar, the first free slot.
+    """
+
+    keys: tuple
+    values: tuple
+    positions: jax.Array
+    valid: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def create(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> "KVCache":
+        zeros = lambda: jnp.zeros((batch, length, num_kv_heads, head_dim), dtype)  # noqa: E731
+        return cls(keys=tuple(zeros() for _ in range(num_layers)),
+                   values=tuple(zeros() for _ in range(num_layers)),
+                   positions=jnp.zeros((batch, length), jnp.int32),
+                   valid=jnp.zeros((batch, length), bool),
+                   end=jnp.zeros((), jnp.int32))
+
+    def next_positions(self, attention_mask_BT: jax.Array) -> jax.Array:
+        """Positions ``[B, T]`` of new tokens continuing this cache."""
+        return positions_from_mask(attention_mask_BT, offset_B=self.valid.sum(-1).astype(jnp.int32))
+
+    def append_tokens(self, positions_BT: jax.Array, attention_mask_BT: jax.Array) -> "KVCache":
+        """Records the new tokens' positions and validity (keys/values are written per layer)."""
+        start = (0, self.end)
+        return self.replace(
+            positions=jax.lax.dynamic_update_slice(self.positions, positions_BT.astype(jnp.int32), start),
+            valid=jax.lax.dynamic_update_slice(self.valid, attention_mask_BT.astype(bool), start))
+
+    def write_layer(self, layer: int, k_BTKH: jax.Array, v_BTKH: jax.Array) -> "KVCache":
+        """Writes layer ``layer``'s new keys and values at ``[end, end + T)``."""
+        start = (0, self.end, 0, 0)
+        keys = list(self.keys)
+        values = list(self.values)
+        keys[layer] = jax.lax.dynamic_update_slice(keys[layer], k_BTKH.astype(keys[layer].dtype), start)
+        values[layer] = jax.lax.dynamic_update_slice(values[layer], v_BTKH.astype(values[layer].dtype),
+                                                     start)
+        return self.replace(keys=tuple(keys), values=tuple(values))
+
+    def advance(self, num_tokens: int) -> "KVCache":
+        return self.replace(end=self.end + num_tokens)
+
+    def repeat(self, n: int) -> "KVCache":
+        """Tiles the batch ``n`` times: rows ``[b, b + B, …]`` continue row ``b`` (chosen; rejected)."""
+        tile = lambda x: jnp.concatenate([x] * n, axis=0)  # noqa: E731
+        return self.replace(keys=tuple(map(tile, self.keys)), values=tuple(map(tile, self.values)),
+                            positions=tile(self.positions), valid=tile(self.valid))
+
+
+def positions_from_mask(attention_mask_BT: jax.Array, offset_B: jax.Array | None = None) -> jax.Array:
+    """Position of each token = number of valid tokens before it in its row (plus ``offset_B``).
+
+    Padding tokens get the position of the next valid token (clipped at 0); they are masked anyway.
+    """
+    mask = attention_mask_BT.astype(jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    pos = jnp.where(mask > 0, pos, jnp.maximum(jnp.cumsum(mask, axis=-1), 0))
+    if offset_B is not None:
+        pos = pos + offset_B[:, None]
+    return pos.astype(jnp.int32)
+
+
+def attention_mask_BTS(q_pos_BT, k_pos_BS, q_valid_BT, k_valid_BS, sliding_window: int | None = None):
+    """Boolean ``[B, T, S]``: valid keys at positions ``<=`` the query's (and within the window).
+
+    A padding query attends to the first valid key only, so no softmax row is empty (no NaN gradients);
+    its output is never used.
+    """
+    allowed = (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]) & k_valid_BS[:, None, :]
+    if sliding_window is not None:
+        allowed &= (q_pos_BT[:, :, None] - k_pos_BS[:, None, :]) < sliding_window
+    q_valid = q_valid_BT.astype(bool)[:, :, None]
+    first_key_BS = jax.nn.one_hot(jnp.argmax(k_valid_BS, axis=-1), k_valid_BS.shape[-1], dtype=bool)
+    return jnp.where(q_valid, allowed, first_key_BS[:, None, :])
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array, *,
+              scale: float | None = None, softcap: float | None = None) -> jax.Array:
+    """Grouped-query softmax attention in float32; returns ``[B, T, N, H]`` in the query dtype.
+
+    ``N`` must be a multiple of ``K``: query head ``n`` uses key/value head ``n // (N // K)``.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    G = N // K
+    scale = 1.0 / math.sqrt(H) if scale is None else scale
+    q = q_BTNH.reshape(B, T, K, G, H).astype(jnp.float32)
+    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
+    if softcap is not None:
+        scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BKGTS, axis=-1)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH.astype(jnp.float32))
+    return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array,
+               attention_scaling: float = 1.0) -> jax.Array:
+    """Rotary embedding in HF's "rotate half" layout; only the first ``2F`` dims rotate (partial RoPE)."""
+    rot = 2 * inv_freq_F.shape[0]
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+    emb = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb) * attention_scaling, jnp.sin(emb) * attention_scaling
+    x_rot, x_pass = x_BTNH[..., :rot].astype(jnp.float32), x_BTNH[..., rot:]
+    out = x_rot * cos + rotate_half(x_rot) * sin
+    return jnp.concatenate([out.astype(x_BTNH.dtype), x_pass], axis=-1)

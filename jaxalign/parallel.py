@@ -1,0 +1,114 @@
+"""Device mesh, logical-axis sharding rules, multi-host initialisation.
+
+Every parameter is created with a ``logical_axes`` metadata tuple (one name per dimension, e.g.
+``("vocab", "embed")``). One rules table maps logical names to mesh axes; this module is the only place
+that knows the mapping. Without a mesh everything is a no-op, so the same model code runs on one CPU,
+on 8 simulated CPU devices and on a pod.
+
+Mesh axes: ``data`` (pairs), ``fsdp`` (parameters sharded, batch too), ``tensor`` (model-parallel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or None: replicated). Batch-like axes go over data and fsdp.
+RULES: Mapping[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "qkv": None,
+    "norm": None,
+    "positions": None,
+}
+
+
+def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds a ``(data, fsdp, tensor)`` mesh.
+
+    Args:
+      shape: sizes of the three axes; ``None`` puts every device on ``data``. One entry may be -1 and is
+        then inferred from the device count.
+      devices: devices to use (default: all of ``jax.devices()``).
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape if shape is not None else (len(devices), 1, 1))
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape needs 3 sizes (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) == 1:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} does not use the {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
+                    mesh: Mesh | None) -> P:
+    """PartitionSpec for an array with these logical axes; axes that do not divide stay replicated."""
+    if mesh is None or logical_axes is None:
+        return P()
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        target = RULES.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+        if targets and size % math.prod(mesh.shape[t] for t in targets) == 0:
+            used.update(targets)
+            spec.append(targets[0] if len(targets) == 1 else targets)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def named_sharding(logical_axes, shape, mesh: Mesh | None):
+    """NamedSharding for ``logical_axes`` on ``mesh`` (``None`` without a mesh)."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def batch_sharding(mesh: Mesh | None, ndim: int):
+    """Sharding of a batch-major array: leading axis over (data, fsdp), the rest replicated."""
+    if mesh is None:
+        return None
+    return named_sharding(("batch",) + (None,) * (ndim - 1), (math.prod(
+        mesh.shape[a] for a in ("data", "fsdp")),) + (1,) * (ndim - 1), mesh)
+
+
+def state_shardings(state, mesh: Mesh | None):
+    """Maps an ``nnx.State`` of ``nnx.Variable``s to NamedShardings from their ``logical_axes``."""
+    from flax import nnx
+
+    def one(var):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        axes = getattr(var, "logical_axes", None) if hasattr(var, "get_metadata") else None
+        return named_sharding(axes, value.shape, mesh)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+    """``with_sharding_constraint`` by logical axes; identity without a mesh."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(logical_axes, x.shape, mesh))
+
+
+def initialize_distributed(**kwargs) -> None:
+    """Calls ``jax.distributed.initialize`` (multi-host); on CPU selects gloo collectives first."""
+    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
