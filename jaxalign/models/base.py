@@ -22,7 +22,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
+
+from jaxalign.errors import ModelError
 
 
 class ModelOutput(NamedTuple):
@@ -164,3 +166,141 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array
     x_rot, x_pass = x_BTNH[..., :rot].astype(jnp.float32), x_BTNH[..., rot:]
     out = x_rot * cos + rotate_half(x_rot) * sin
     return jnp.concatenate([out.astype(x_BTNH.dtype), x_pass], axis=-1)
+
+
+# --- Building blocks shared by the model families -------------------------------------------------
+
+REMAT_POLICIES = ("full", "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+
+
+def remat_policy(name: str | None):
+    """``jax.checkpoint`` policy for a per-block remat name (``None``: no remat).
+
+    ``"full"`` saves nothing (the whole block is recomputed in the backward pass); the other names of
+    :data:`REMAT_POLICIES` are ``jax.checkpoint_policies`` attributes.
+    """
+    if name is None or name == "full":
+        return None
+    if name not in REMAT_POLICIES:
+        raise ModelError(f"remat policy {name!r} is not known (choices: None, {', '.join(REMAT_POLICIES)})")
+    return getattr(jax.checkpoint_policies, name)
+
+
+def remat_block(fn, remat: str | None):
+    """``fn`` (a function of an ``nnx.Module`` and arrays) rematerialised with the named policy."""
+    if remat is None:
+        return fn
+    return nnx.remat(fn, policy=remat_policy(remat))
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str, key: str = "hidden_act"):
+    """The activation function of HF name ``name`` (``ModelError`` naming ``key`` if unsupported)."""
+    if name not in _ACTIVATIONS:
+        raise ModelError(f"{key} {name!r} is not supported (supported: {', '.join(sorted(_ACTIVATIONS))})")
+    return _ACTIVATIONS[name]
+
+
+def _param(rngs, init, shape, axes, param_dtype):
+    return nnx.Param(init(rngs.params(), shape, param_dtype), logical_axes=tuple(axes))
+
+
+class Einsum(nnx.Module):
+    """``y = einsum(equation, x, kernel) + bias``: a linear map whose kernel keeps the head dims apart.
+
+    E.g. the query projection is ``Einsum("BTD,DNH->BTNH", (D, N, H), ("embed", "heads", "head_dim"))``.
+    The bias (optional) has the output's trailing shape.
+    """
+
+    def __init__(self, equation: str, kernel_shape, kernel_axes, *, bias_shape=None, bias_axes=None,
+                 rngs, dtype=jnp.float32, param_dtype=jnp.float32, stddev: float = 0.02):
+        self.equation = equation
+        self.dtype = dtype
+        self.kernel = _param(rngs, nnx.initializers.normal(stddev), kernel_shape, kernel_axes, param_dtype)
+        self.bias = (None if bias_shape is None else
+                     _param(rngs, nnx.initializers.zeros_init(), bias_shape, bias_axes, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table ``[V, D]`` (its transpose is the tied unembedding)."""
+
+    def __init__(self, num: int, dim: int, *, rngs, axes=("vocab", "embed"), dtype=jnp.float32,
+                 param_dtype=jnp.float32, stddev: float = 0.02):
+        self.dtype = dtype
+        self.embedding = _param(rngs, nnx.initializers.normal(stddev), (num, dim), axes, param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in float32. ``kind``: ``"llama"`` (w · cast(x̂)), ``"gemma"`` (cast(x̂ · (1 + w))),
+    ``"olmo2"`` (cast(w · x̂)); the three agree in float32 except Gemma's ``1 + w``."""
+
+    def __init__(self, dim: int, *, eps: float, kind: str = "llama", rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        if kind not in ("llama", "gemma", "olmo2"):
+            raise ValueError(f"unknown RMSNorm kind {kind!r}")
+        self.eps, self.kind, self.dtype = eps, kind, dtype
+        init = nnx.initializers.zeros_init() if kind == "gemma" else nnx.initializers.ones_init()
+        self.scale = _param(rngs, init, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...]
+        if self.kind == "llama":
+            return w.astype(self.dtype) * normed.astype(self.dtype)
+        if self.kind == "gemma":
+            return (normed * (1.0 + w.astype(jnp.float32))).astype(self.dtype)
+        return (w.astype(jnp.float32) * normed).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm in float32; ``use_scale=use_bias=False`` is OLMo's non-parametric norm."""
+
+    def __init__(self, dim: int, *, eps: float, use_scale: bool = True, use_bias: bool = True, rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.eps, self.dtype = eps, dtype
+        self.scale = _param(rngs, nnx.initializers.ones_init(), (dim,), ("norm",), param_dtype) \
+            if use_scale else None
+        self.bias = _param(rngs, nnx.initializers.zeros_init(), (dim,), ("norm",), param_dtype) \
+            if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def unembed(hidden_BTD: jax.Array, table_VD: jax.Array, softcap: float | None = None) -> jax.Array:
+    """Logits ``[B, T, V]`` float32 = ``hidden · tableᵀ`` (float32 accumulation), maybe soft-capped."""
+    logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, table_VD.astype(hidden_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+    if softcap is not None:
+        logits_BTV = softcap * jnp.tanh(logits_BTV / softcap)
+    return logits_BTV
