@@ -133,22 +133,108 @@ def attention_mask_BTS(q_pos_BT, k_pos_BS, q_valid_BT, k_valid_BS, sliding_windo
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array, *,
               scale: float | None = None, softcap: float | None = None) -> jax.Array:
-    """Grouped-query softmax attention in float32; returns ``[B, T, N, H]`` in the query dtype.
+    """Grouped-query softmax attention, the reference (``"xla"``) path; returns ``[B, T, N, H]``.
 
-    ``N`` must be a multiple of ``K``: query head ``n`` uses key/value head ``n // (N // K)``.
+    ``N`` must be a multiple of ``K``: query head ``n`` uses key/value head ``n // (N // K)``. The two
+    products take the inputs' dtype with float32 accumulation (bfloat16 tensor cores on accelerators);
+    scores, soft-capping and the softmax are float32. With float32 inputs everything is float32.
     """
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     G = N // K
     scale = 1.0 / math.sqrt(H) if scale is None else scale
-    q = q_BTNH.reshape(B, T, K, G, H).astype(jnp.float32)
-    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH.astype(jnp.float32)) * scale
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+                              preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BKGTS, axis=-1)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH.astype(jnp.float32))
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_BSKH.dtype), v_BSKH,
+                           preferred_element_type=jnp.float32)
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+# --- Attention implementations ---------------------------------------------------------------------
+
+ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
+"""Names of the attention implementations (a model's ``attention_impl``):
+
+* ``"xla"`` — :func:`attention`, einsums and a float32 softmax; every mask, soft-capping; the reference.
+* ``"dot_product"`` — ``jax.nn.dot_product_attention(implementation="xla")`` with our boolean mask.
+* ``"cudnn"`` — ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN's fused (flash)
+  attention on NVIDIA GPUs, the mask passed as an additive bias; bfloat16/float16 only, head dim a
+  multiple of 8 (≤ 128, 256 from Hopper), no soft-capping; ``[B, N, T, S]`` scores are never stored.
+* ``"auto"`` — ``"cudnn"`` on a CUDA GPU when the model qualifies (bfloat16/float16 activations, head dim
+  a multiple of 8 and ≤ 128, no soft-capping) and the call's query and key lengths are even (cuDNN's
+  rule for a bias in training); ``"xla"`` otherwise (CPU, TPU, float32, Gemma 2).
+"""
+
+
+def _on_cuda() -> bool:
+    return jax.default_backend() in ("gpu", "cuda")
+
+
+def check_attention_impl(name: str) -> str:
+    """``name`` if it is one of :data:`ATTENTION_IMPLS`, else ``ModelError``."""
+    if name not in ATTENTION_IMPLS:
+        raise ModelError(f"attention_impl {name!r} is not known (choices: {', '.join(ATTENTION_IMPLS)})")
+    return name
+
+
+def resolve_attention_impl(name: str, *, dtype, head_dim: int, softcap: float | None = None,
+                           per_call: bool = False) -> str:
+    """The implementation a model of this ``dtype``/``head_dim``/``softcap`` uses for ``name``.
+
+    ``"auto"`` resolves as in :data:`ATTENTION_IMPLS`; with ``per_call`` a ``"cudnn"`` choice stays
+    ``"auto"`` so that :func:`attend` applies the sequence-length rule to each call's shapes. An explicit
+    ``"dot_product"`` or ``"cudnn"`` that cannot serve the model is a ``ModelError`` (never a silent
+    fallback).
+    """
+    check_attention_impl(name)
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if name == "auto":
+        cudnn_ok = _on_cuda() and low_precision and head_dim % 8 == 0 and head_dim <= 128
+        if cudnn_ok and softcap is None:
+            return "auto" if per_call else "cudnn"
+        return "xla"
+    if name in ("dot_product", "cudnn") and softcap is not None:
+        raise ModelError(f"attention_impl {name!r} cannot soft-cap attention scores (attn_logit_softcapping "
+                         f"{softcap}); use 'xla' or 'auto'")
+    if name == "cudnn":
+        if not _on_cuda():
+            raise ModelError(f"attention_impl 'cudnn' needs a CUDA GPU (the default backend is "
+                             f"{jax.default_backend()!r}); use 'auto', 'xla' or 'dot_product'")
+        if not low_precision:
+            raise ModelError(f"attention_impl 'cudnn' needs bfloat16 or float16 activations, the model "
+                             f"computes in {jnp.dtype(dtype).name}; use 'auto', 'xla' or 'dot_product'")
+    return name
+
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array, *,
+           scale: float | None = None, softcap: float | None = None, impl: str = "xla") -> jax.Array:
+    """Attention of ``q`` over ``k``/``v`` under the boolean ``mask_BTS`` with a resolved ``impl``.
+
+    ``impl`` comes from :func:`resolve_attention_impl` (``"auto"`` is accepted too and resolved here from
+    the query dtype). All implementations compute the same function (tested on CPU at float32, 1e-5).
+    """
+    B, T, N, H = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    if impl == "auto":
+        impl = resolve_attention_impl("auto", dtype=q_BTNH.dtype, head_dim=H, softcap=softcap)
+        if impl == "cudnn" and (T % 2 or S % 2):
+            impl = "xla"
+    if impl == "xla":
+        return attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, softcap=softcap)
+    if impl not in ("dot_product", "cudnn"):
+        raise ModelError(f"attention_impl {impl!r} is not a resolved implementation")
+    if softcap is not None:
+        raise ModelError(f"attention_impl {impl!r} cannot soft-cap attention scores; use 'xla'")
+    scale = 1.0 / math.sqrt(H) if scale is None else scale
+    k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :], scale=scale,
+        implementation="xla" if impl == "dot_product" else "cudnn").astype(q_BTNH.dtype)
 
 
 def rotate_half(x):
@@ -192,6 +278,46 @@ def remat_block(fn, remat: str | None):
     if remat is None:
         return fn
     return nnx.remat(fn, policy=remat_policy(remat))
+
+
+_KEEP = object()
+
+
+def configure(model: nnx.Module, *, dtype=None, attention_impl: str | None = None, remat=_KEEP
+              ) -> nnx.Module:
+    """Sets a built model's run-time options in place (the loaders build with the defaults); returns it.
+
+    Args:
+      model: a ``jaxalign.models`` causal LM.
+      dtype: the compute (activation) dtype of every layer, e.g. ``jnp.bfloat16`` over float32
+        parameters (mixed precision: float32 master weights, bfloat16 matmuls; norms and softmaxes
+        compute in float32, logits and log-probs are float32). Parameters keep their storage dtype.
+      attention_impl: one of :data:`ATTENTION_IMPLS`.
+      remat: a per-block rematerialisation policy name (:func:`remat_policy`) or ``None``.
+
+    Set options before ``nnx.split``/``jax.jit``: they are static (part of the graph definition).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxalign.models.llama import Llama, LlamaConfig
+      >>> cfg = LlamaConfig("llama", 64, 16, 32, 1, 2, 1, 8)
+      >>> m = configure(Llama(cfg, rngs=nnx.Rngs(0)), dtype=jnp.bfloat16, attention_impl="dot_product")
+      >>> [jnp.dtype(x).name for x in (m.dtype, m.layers[0].mlp.up_proj.dtype, m.embed.embedding.dtype)]
+      ['bfloat16', 'bfloat16', 'float32']
+      >>> m.attention_impl
+      'dot_product'
+    """
+    if attention_impl is not None:
+        model.attention_impl = check_attention_impl(attention_impl)
+    if remat is not _KEEP:
+        remat_policy(remat)
+        model.remat = remat
+    if dtype is not None:
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, nnx.Module) and hasattr(node, "dtype"):
+                node.dtype = dtype
+    return model
 
 
 _ACTIVATIONS = {

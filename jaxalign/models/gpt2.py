@@ -107,14 +107,14 @@ class Attention(nnx.Module):
         scale = H ** -0.5 if cfg.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
-    def __call__(self, x_BTD, mask_BTS, cache: base.KVCache | None):
+    def __call__(self, x_BTD, mask_BTS, cache: base.KVCache | None, impl: str = "xla"):
         q_BTNH, k_BTNH, v_BTNH = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if cache is None:
             k_BSNH, v_BSNH = k_BTNH, v_BTNH
         else:
             cache = cache.write_layer(self.layer, k_BTNH, v_BTNH)
             k_BSNH, v_BSNH = cache.keys[self.layer], cache.values[self.layer]
-        out_BTNH = base.attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS, scale=self.scale)
+        out_BTNH = base.attend(q_BTNH, k_BSNH, v_BSNH, mask_BTS, scale=self.scale, impl=impl)
         return self.o_proj(out_BTNH), cache  # [B, T, D]
 
 
@@ -144,22 +144,26 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = base.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **p)
         self.mlp = MLP(cfg, **p)
 
-    def __call__(self, x_BTD, mask_BTS, cache):
-        h_BTD, cache = self.attn(self.attn_norm(x_BTD), mask_BTS, cache)
+    def __call__(self, x_BTD, mask_BTS, cache, impl: str = "xla"):
+        h_BTD, cache = self.attn(self.attn_norm(x_BTD), mask_BTS, cache, impl)
         x_BTD = x_BTD + h_BTD
         return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
-def _run_layer(layer: DecoderLayer, x_BTD, mask_BTS, cache):
-    return layer(x_BTD, mask_BTS, cache)
+def _layer_runner(impl: str):
+    """``run(layer, …)`` applying one block with attention ``impl`` (a closure: ``nnx.remat`` takes it)."""
+    def run(layer: DecoderLayer, x_BTD, mask_BTS, cache):
+        return layer(x_BTD, mask_BTS, cache, impl)
+    return run
 
 
 class GPT2(nnx.Module):
-    """GPT-2 language model (same calling convention as :class:`jaxalign.models.llama.Llama`)."""
+    """GPT-2 language model (calling convention and options of :class:`jaxalign.models.llama.Llama`)."""
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str | None = None):
+                 remat: str | None = None, attention_impl: str = "auto"):
         base.remat_policy(remat)
+        self.attention_impl = base.check_attention_impl(attention_impl)
         p = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg
         self.dtype = dtype
@@ -187,7 +191,9 @@ class GPT2(nnx.Module):
         # Positions past n_positions are clipped (padding may sit one past the last token).
         pos_BTD = jnp.take(self.wpe.embedding[...], positions_BT, axis=0, mode="clip").astype(self.dtype)
         x_BTD = self.wte(input_ids_BT) + pos_BTD
-        run = base.remat_block(_run_layer, self.remat)
+        impl = base.resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=self.cfg.head_dim,
+                                           per_call=True)
+        run = base.remat_block(_layer_runner(impl), self.remat)
         layer_hidden = [x_BTD]
         for layer in self.layers:
             x_BTD, cache = run(layer, x_BTD, mask_BTS, cache)

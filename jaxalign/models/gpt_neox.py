@@ -108,7 +108,8 @@ class Attention(nnx.Module):
         self.o_proj = base.Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), **out, **p)
         self.layer = layer
 
-    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache: base.KVCache | None):
+    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache: base.KVCache | None,
+                 impl: str = "xla"):
         q_BTNH = base.apply_rope(self.q_proj(x_BTD), positions_BT, inv_freq_F)
         k_BTNH = base.apply_rope(self.k_proj(x_BTD), positions_BT, inv_freq_F)
         v_BTNH = self.v_proj(x_BTD)
@@ -117,7 +118,7 @@ class Attention(nnx.Module):
         else:
             cache = cache.write_layer(self.layer, k_BTNH, v_BTNH)
             k_BSNH, v_BSNH = cache.keys[self.layer], cache.values[self.layer]
-        out_BTNH = base.attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS)
+        out_BTNH = base.attend(q_BTNH, k_BSNH, v_BSNH, mask_BTS, impl=impl)
         return self.o_proj(out_BTNH), cache  # [B, T, D]
 
 
@@ -148,24 +149,28 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, **p)
         self.parallel = cfg.use_parallel_residual
 
-    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache):
-        a_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq_F, mask_BTS, cache)
+    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache, impl: str = "xla"):
+        a_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq_F, mask_BTS, cache, impl)
         if self.parallel:
             return x_BTD + a_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
         y_BTD = x_BTD + a_BTD
         return y_BTD + self.mlp(self.mlp_norm(y_BTD)), cache
 
 
-def _run_layer(layer: DecoderLayer, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache):
-    return layer(x_BTD, positions_BT, inv_freq_F, mask_BTS, cache)
+def _layer_runner(impl: str):
+    """``run(layer, …)`` applying one block with attention ``impl`` (a closure: ``nnx.remat`` takes it)."""
+    def run(layer: DecoderLayer, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache):
+        return layer(x_BTD, positions_BT, inv_freq_F, mask_BTS, cache, impl)
+    return run
 
 
 class GPTNeoX(nnx.Module):
-    """GPT-NeoX language model (same calling convention as :class:`jaxalign.models.llama.Llama`)."""
+    """GPT-NeoX language model (calling convention and options of :class:`jaxalign.models.llama.Llama`)."""
 
     def __init__(self, cfg: GPTNeoXConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str | None = None):
+                 remat: str | None = None, attention_impl: str = "auto"):
         base.remat_policy(remat)
+        self.attention_impl = base.check_attention_impl(attention_impl)
         p = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg
         self.dtype = dtype
@@ -192,7 +197,9 @@ class GPTNeoX(nnx.Module):
         mask_BTS = base.attention_mask_BTS(positions_BT, k_pos_BS, valid_BT, k_valid_BS)
         inv_freq_F = cfg.rope.inv_freq_for(cfg.head_dim, positions_BT, valid_BT)
         x_BTD = self.embed(input_ids_BT)
-        run = base.remat_block(_run_layer, self.remat)
+        impl = base.resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=cfg.head_dim,
+                                           per_call=True)
+        run = base.remat_block(_layer_runner(impl), self.remat)
         layer_hidden = [x_BTD]
         for layer in self.layers:
             x_BTD, cache = run(layer, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache)

@@ -225,7 +225,8 @@ class Attention(nnx.Module):
         self.softcap = cfg.attn_logit_softcap
         self.scale = (cfg.query_pre_attn_scalar or H) ** -0.5
 
-    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache: base.KVCache | None):
+    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache: base.KVCache | None,
+                 impl: str = "xla"):
         q_BTNH = self.q_proj(x_BTD)
         k_BTKH = self.k_proj(x_BTD)
         v_BTKH = self.v_proj(x_BTD)
@@ -242,7 +243,8 @@ class Attention(nnx.Module):
         else:
             cache = cache.write_layer(self.layer, k_BTKH, v_BTKH)
             k_BSKH, v_BSKH = cache.keys[self.layer], cache.values[self.layer]
-        out_BTNH = base.attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=self.scale, softcap=self.softcap)
+        out_BTNH = base.attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=self.scale, softcap=self.softcap,
+                               impl=impl)
         return self.o_proj(out_BTNH), cache  # [B, T, D]
 
 
@@ -279,9 +281,9 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(cfg, layer, **p)
         self.mlp = MLP(cfg, **p)
 
-    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache):
+    def __call__(self, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache, impl: str = "xla"):
         h_BTD = x_BTD if self.placement == "post" else self.attn_norm(x_BTD)
-        h_BTD, cache = self.attn(h_BTD, positions_BT, inv_freq_F, mask_BTS, cache)
+        h_BTD, cache = self.attn(h_BTD, positions_BT, inv_freq_F, mask_BTS, cache, impl)
         if self.placement != "pre":
             h_BTD = self.attn_out_norm(h_BTD)
         x_BTD = x_BTD + h_BTD
@@ -291,8 +293,11 @@ class DecoderLayer(nnx.Module):
         return x_BTD + h_BTD, cache
 
 
-def _run_layer(layer: DecoderLayer, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache):
-    return layer(x_BTD, positions_BT, inv_freq_F, mask_BTS, cache)
+def _layer_runner(impl: str):
+    """``run(layer, …)`` applying one block with attention ``impl`` (a closure: ``nnx.remat`` takes it)."""
+    def run(layer: DecoderLayer, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache):
+        return layer(x_BTD, positions_BT, inv_freq_F, mask_BTS, cache, impl)
+    return run
 
 
 class Llama(nnx.Module):
@@ -304,11 +309,15 @@ class Llama(nnx.Module):
       dtype: activation dtype; logits are always float32.
       param_dtype: storage dtype of the parameters (``jnp.bfloat16`` halves memory).
       remat: per-block rematerialisation policy name (:func:`base.remat_policy`), ``None`` for none.
+      attention_impl: ``"auto"``, ``"xla"``, ``"dot_product"`` or ``"cudnn"`` (:data:`base.ATTENTION_IMPLS`).
+
+    ``dtype``, ``remat`` and ``attention_impl`` can be changed on a built model with :func:`base.configure`.
     """
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str | None = None):
+                 remat: str | None = None, attention_impl: str = "auto"):
         base.remat_policy(remat)
+        self.attention_impl = base.check_attention_impl(attention_impl)
         p = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg
         self.dtype = dtype
@@ -340,7 +349,9 @@ class Llama(nnx.Module):
         x_BTD = self.embed(input_ids_BT)
         if cfg.embed_scale:  # Gemma: × √D rounded to the activation dtype
             x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), x_BTD.dtype)
-        run = base.remat_block(_run_layer, self.remat)
+        impl = base.resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=cfg.head_dim,
+                                           softcap=cfg.attn_logit_softcap, per_call=True)
+        run = base.remat_block(_layer_runner(impl), self.remat)
         layer_hidden = [x_BTD]
         for i, layer in enumerate(self.layers):
             x_BTD, cache = run(layer, x_BTD, positions_BT, inv_freq_F, masks[cfg.window(i)], cache)
