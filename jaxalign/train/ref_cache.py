@@ -1,0 +1,69 @@
+"""Reference log-probs computed once per data set and cached on disk under a fingerprint.
+
+The reference model is frozen, so its summed log-probs of every chosen and rejected response are
+fixed numbers: computing them once removes the reference forward pass from every step (and the
+reference weights from memory). The cache key covers everything that changes them:
+
+* the reference weights (SHA-256 of the weight files: ``*.safetensors`` / ``.gguf``) and dtype,
+* the data (the tokenized pairs' token ids themselves, so source, tokenizer, chat template and length
+  limits are all covered) and the padded lengths the batches use,
+* the forward mode (shared prompt or full rows) and :data:`CACHE_VERSION`.
+
+An entry is ``CACHE_DIR/<key>.npz`` holding ``ref_chosen_logps`` and ``ref_rejected_logps`` ``[N]``
+(float32, in the order of the tokenized pairs) and ``index`` ``[N]``; written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaxalign.data import cache as data_cache
+
+CACHE_VERSION = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 over the weight files of a model folder (or one ``.gguf`` file) and ``config.json``."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(
+        f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokens_fingerprint(tokens) -> str:
+    """SHA-256 of a ``TokenizedPairs``' arrays (ids, offsets and record indices)."""
+    digest = hashlib.sha256()
+    for name, arr in sorted(tokens.to_arrays().items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(*, weights: str, dtype: str, tokens: str, lengths: tuple[int, int], shared_prompt: bool) -> str:
+    return data_cache.fingerprint("ref-logps", CACHE_VERSION, weights, dtype, tokens, list(lengths),
+                                  bool(shared_prompt))
+
+
+def load_or_compute(cache_dir: str | os.PathLike, key: str, compute: Callable[[], dict[str, np.ndarray]],
+                    *, write: bool = True) -> tuple[dict[str, np.ndarray], bool]:
+    """The cached arrays of ``key``, or ``compute()`` written to the cache. Returns ``(arrays, hit)``."""
+    path = data_cache.cache_path(str(cache_dir), key)
+    found = data_cache.load(path)
+    if found is not None:
+        return found[0], True
+    arrays = {k: np.asarray(v) for k, v in compute().items()}
+    if write:
+        data_cache.save(path, arrays, {"key": key, "version": CACHE_VERSION})
+    return arrays, False
