@@ -6,7 +6,9 @@ one run:
 (a) ``paper``    — the paper's procedure (``compute_preference_similarity_per_example.py``): transformers,
                    one example at a time, ``output_hidden_states=True``, float32, ``no_grad``; two full
                    forward passes (x⊕y+⊕EOS, x⊕y−⊕EOS) per pair, logits included.
-(b) ``batched``  — transformers on length-sorted batches of ``2B`` rows (chosen and rejected), right-padded.
+(b) ``batched``  — transformers on batches of ``B`` pairs in input order (``2B`` rows, chosen and
+                   rejected, right-padded to the batch's longest row: a plain padding collator).
+(b') ``batched-sorted`` — the same on length-sorted batches (jaxalign's plan): a stronger baseline.
 (c) ``jaxalign`` — :func:`jaxalign.analysis.ches.make_scorer`: the prompt once per pair (KV cache), both
                    responses continued from it, no logits, length-sorted bucketed batches, jit.
 
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("paper", "batched", "jaxalign")
+METHODS = ("paper", "batched", "batched-sorted", "jaxalign")
 
 
 def _default_model() -> str:
@@ -101,7 +103,7 @@ def _paper(model_dir, tokens, batch_size):
     return S, last, steady, warm + steady
 
 
-def _batched(model_dir, tokens, batch_size):
+def _batched(model_dir, tokens, batch_size, sort=True):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +114,8 @@ def _batched(model_dir, tokens, batch_size):
     D = model.config.hidden_size
     S, last = np.zeros((n, 2, D)), np.zeros((n, 2, D))
     resp = np.maximum(tokens.chosen.lengths, tokens.rejected.lengths)
-    batches = plan_batches(tokens.prompt.lengths, resp, batch_size)
+    batches = (plan_batches(tokens.prompt.lengths, resp, batch_size) if sort else
+               [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)])
 
     def run(rows):
         seqs = [(i, j, tokens.prompt[i].tolist(), y.tolist()) for j in (0, 1)
@@ -191,8 +194,8 @@ def _child(args) -> None:
     extra = {}
     if args.child == "paper":
         S, last, steady, cold = _paper(args.model, tokens, args.batch_size)
-    elif args.child == "batched":
-        S, last, steady, cold = _batched(args.model, tokens, args.batch_size)
+    elif args.child in ("batched", "batched-sorted"):
+        S, last, steady, cold = _batched(args.model, tokens, args.batch_size, sort=args.child != "batched")
     else:
         S, ip, steady, cold, n_shapes = _jaxalign(args.model, tokens, args.batch_size)
         extra["compiled_shapes"] = n_shapes
@@ -319,18 +322,18 @@ def main() -> None:
     peak = max(rate.values())
     print("float32 matmul 2048³, best of start and end: "
           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rate.items()))
-    print(f"\n{'method':<10} {'pairs/s':>8} {'cold pairs/s':>12} {'peak RSS MB':>11} {'GFLOP/pair':>10} "
+    print(f"\n{'method':<14} {'pairs/s':>8} {'cold pairs/s':>12} {'peak RSS MB':>11} {'GFLOP/pair':>10} "
           f"{'GFLOP/s':>8} {'of matmul rate':>14}")
     for method, r in results.items():
         fl = forward_flops(config, tokens, method)
         gfs = fl / r["steady_s"] / 1e9
         r.update(pairs_per_s=r["pairs"] / r["steady_s"], gflop_per_pair=fl / r["pairs"] / 1e9, gflop_per_s=gfs,
                  fraction_of_rate=gfs / peak)
-        print(f"{method:<10} {r['pairs_per_s']:>8.2f} {r['pairs'] / r['cold_s']:>12.2f} {r['peak_rss_mb']:>11.0f} "
+        print(f"{method:<14} {r['pairs_per_s']:>8.2f} {r['pairs'] / r['cold_s']:>12.2f} {r['peak_rss_mb']:>11.0f} "
               f"{r['gflop_per_pair']:>10.2f} {gfs:>8.1f} {100 * gfs / peak:>13.1f}%")
     if "jaxalign" in results:
         j = results["jaxalign"]
-        for base in ("paper", "batched"):
+        for base in ("paper", "batched", "batched-sorted"):
             if base in results:
                 print(f"jaxalign / {base}: {j['pairs_per_s'] / results[base]['pairs_per_s']:.2f}x")
         if "compiled_shapes" in j:

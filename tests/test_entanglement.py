@@ -524,7 +524,7 @@ def test_entangle_job_writes_resumes_and_is_consistent(cli_model, tmp_path):
     _rel_close(layers["grad_inner"].sum(1)[order], table["grad_inner"].to_numpy(), scale, 1e-6, "layers sum")
     groups = json.loads((out / "layers.zarr" / "zarr.json").read_text())["attributes"]["groups"]
     assert len(groups) == layers["grad_inner"].shape[1] and "embed.embedding" in groups
-    assert summary["methods_used"] == {"16x16": "gram"}
+    assert set(summary["methods_used"].values()) == {"gram"}  # padded shape depends on bucketing
     for f in ("summary.json", "scatter.png", "heatmap_0.npy", "heatmap_0.png", "skipped.jsonl"):
         assert (out / f).is_file(), f
     assert not (out / "pairs.parquet.parts").exists()
