@@ -67,7 +67,9 @@ if [ "$CPU" = 1 ]; then
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"  # tiny models: compile time rules
   PLATFORM=cpu; FLAG=--cpu
-  T_MATMUL=20; T_TESTS=30; T_JAX_1B=30; T_TORCH_1B=15; T_JAX_S=30; T_TORCH_S=15; TASK_T=20
+  S=${DEVICE_CHECK_STAGE_SCALE:-1}  # stage limits x S, for a loaded machine (tests use 6)
+  T_MATMUL=$((20*S)); T_TESTS=$((30*S)); T_JAX_1B=$((30*S)); T_TORCH_1B=$((15*S)); T_JAX_S=$((30*S))
+  T_TORCH_S=$((15*S)); TASK_T=$((20*S))
   TESTS=(tests/test_models_parity.py -x -q -p no:cacheprovider -k "test_forward_matches_transformers and gpt2-untied and left")
 else
   BUDGET=${DEVICE_CHECK_BUDGET:-470}

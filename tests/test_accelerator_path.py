@@ -451,7 +451,7 @@ def test_device_check_runs_on_cpu(tmp_path):
     """``scripts/device_check.sh --cpu``: every stage runs and the table prints (< 2 min on a quiet
     machine; the budget is raised here so that a loaded CI machine does not cut stages)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(OUT=str(tmp_path), DEVICE_CHECK_BUDGET="1200", PYTHON=sys.executable,
+    env.update(OUT=str(tmp_path), DEVICE_CHECK_BUDGET="1200", DEVICE_CHECK_STAGE_SCALE="6", PYTHON=sys.executable,
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
     proc = subprocess.run(["bash", "scripts/device_check.sh", "--cpu"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=1300)
