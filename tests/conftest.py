@@ -28,3 +28,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent JAX compilation cache for a module (equal programs compile once), shared with the
+    subprocesses it starts through ``JAXALIGN_TEST_COMPILE_CACHE``; the previous settings come back after."""
+    import jax
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    path = os.environ.get("JAXALIGN_TEST_COMPILE_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
+    os.environ["JAXALIGN_TEST_COMPILE_CACHE"] = path
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield path
+    for k, v in old.items():
+        jax.config.update(k, v)

@@ -329,7 +329,7 @@ def test_cli_ches_outputs(job, capsys):
     root, data, out = job
     table = pq.read_table(out / "scores.parquet")
     assert table.column_names == ["index", "ches", "ln_ches", "minus_norm_edit_distance", "last_hidden_ip",
-                                  "prompt_len", "chosen_len", "rejected_len"]
+                                  "real_cosine", "prompt_len", "chosen_len", "rejected_len"]
     assert table.column("index").to_pylist() == list(range(len(RECORDS)))
     with pytest.warns(DataWarning, match="chosen == rejected"):
         ds = load_pairs(str(data), load_tokenizer(root / "model"), cache=False)
@@ -351,6 +351,31 @@ def test_cli_ches_outputs(job, capsys):
     assert main(["ches", "--model", str(root / "model"), "--data", str(data), "--out", str(out),
                  "--no-progress", "--batch-size", "3"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_real_cosine_equals_transformers_one_response_at_a_time(job):
+    """REAL (Zhang et al.): each response tokenized alone, final hidden states averaged, L2-normalised."""
+    import torch
+    import transformers
+
+    root, _, out = job
+    folder = root / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def embed(text):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            h = hf(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].double().mean(0).numpy()
+        return h / np.linalg.norm(h)
+
+    want = [embed(r["chosen"]) @ embed(r["rejected"]) for r in RECORDS]
+    got = pq.read_table(out / "scores.parquet").column("real_cosine").to_numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert got[5] == pytest.approx(1.0, abs=1e-5)  # identical responses
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["spearman"]["ln_ches"]["real_cosine"] == pytest.approx(
+        ches_run.spearman(pq.read_table(out / "scores.parquet").column("ln_ches").to_numpy(), want), abs=1e-9)
 
 
 class _Stop(Exception):
@@ -529,3 +554,19 @@ def test_cli_filter_errors_exit_2(scored, tmp_path, capsys):
     assert "must end in .jsonl" in capsys.readouterr().err
     assert main(base + ["--scores", str(scores), "--quantile", "0.5"]) == 2
     assert "--n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spearman_equals_scipy_with_ties_and_nan(seed):
+    """Average ranks for ties; pairs with a non-finite value dropped; ``None`` when undefined."""
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 6, 40).astype(float)  # many ties
+    y = x + rng.normal(0, 2, 40)
+    y[rng.integers(0, 40, 3)] = np.nan
+    ok = np.isfinite(y)
+    assert ches_run.spearman(x, y) == pytest.approx(stats.spearmanr(x[ok], y[ok]).statistic, abs=1e-12)
+    np.testing.assert_allclose(ches_run.rankdata(x), stats.rankdata(x))
+    assert ches_run.spearman(np.ones(5), np.arange(5.0)) is None
+    assert ches_run.spearman([1.0], [2.0]) is None

@@ -32,20 +32,7 @@ from jaxalign.train import step as step_lib  # noqa: E402
 VOCAB = 272
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (equal programs compile once)."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    path = os.environ.get("JAXALIGN_TEST_COMPILE_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
-    os.environ["JAXALIGN_TEST_COMPILE_CACHE"] = path
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("compile_cache")  # conftest: equal programs compile once
 
 
 @pytest.fixture(scope="module")

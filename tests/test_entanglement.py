@@ -119,22 +119,20 @@ def _rel_close(got, want, scale, tol, what):
 
 # --- fixtures: one tiny model per family, results of every method in float32 and float64 ------------
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
-    path = make_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=3)
-    return request.param, path
-
-
 def _load(path, dtype):
     from jaxalign.models import load_pretrained
 
     return load_pretrained(path, dtype=dtype)[0]
 
 
-@pytest.fixture(scope="module")
-def results(family):
+_RESULTS: dict = {}  # family -> results, shared by the fixtures below (computed once per session)
+
+
+def _results_for(name, tmp_path_factory):
     """Brute force in float64; every method in float64, exact (in chunks) and gram also in float32."""
-    name, path = family
+    if name in _RESULTS:
+        return _RESULTS[name]
+    path = make_tiny(name, tmp_path_factory.mktemp(name), seed=3)
     ex = _examples()
     batch = _batch(ex)
     out = {}
@@ -150,7 +148,23 @@ def results(family):
                 got[method] = probe(batch)
             # float32 results are compared with the float64 brute force (the closer reference).
             out[dtype] = dict(model=model, grads=g, flat=flat, s=s, got=got, names=probe.split.selected_names)
-    return dict(family=name, path=path, ex=ex, batch=batch, **out)
+    _RESULTS[name] = dict(family=name, path=path, ex=ex, batch=batch, **out)
+    return _RESULTS[name]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def results(request, tmp_path_factory):
+    return _results_for(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _results_for("llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return _results_for("gpt2", tmp_path_factory)
 
 
 # --- pure pieces ------------------------------------------------------------------------------------
@@ -267,10 +281,9 @@ def test_methods_equal_brute_force(results, dtype):
     assert np.abs(r["got"]["gram"].grad_inner[1]) > 0  # the shared-suffix pair
 
 
-def test_parameter_subset_equals_brute_force_restricted(results):
+def test_parameter_subset_equals_brute_force_restricted(llama):
     """``params`` and ``last_blocks`` select leaves; the totals are the brute-force sums over them."""
-    if results["family"] != "llama":
-        pytest.skip("one family suffices")
+    results = llama
     r = results["float64"]
     model = results["float32"]["model"]
     probe = ent.make_probe(model, method="gram", params=[r"attn\.[qkv]_proj", "embed"], last_blocks=1,
@@ -314,10 +327,9 @@ def test_predictions_equal_hand_derived(results, loss):
             np.testing.assert_allclose(res.grad_cosine, ip / np.sqrt(sq_w * sq_l), atol=TOL[dtype] * 10)
 
 
-def test_first_order_predictions_match_an_sgd_step(results):
+def test_first_order_predictions_match_an_sgd_step(llama):
     """θ' = θ − η∇ℓ on one pair: the realised change of s_w and s_l minus η·prediction is O(η²)."""
-    if results["family"] != "llama":
-        pytest.skip("one family suffices; the predictions are checked against brute force for both")
+    results = llama
     r = results["float64"]
     batch = results["batch"]
     ex = results["ex"]
@@ -360,13 +372,12 @@ def test_first_order_predictions_match_an_sgd_step(results):
 
 # --- sharding, PyTorch ------------------------------------------------------------------------------
 
-def test_eight_devices_equal_one(results):
+def test_eight_devices_equal_one(gpt2):
     from jaxalign import parallel
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
-    if results["family"] != "gpt2":
-        pytest.skip("one family suffices")
+    results = gpt2
     mesh = parallel.make_mesh()
     r = results["float32"]
     probe = ent.make_probe(r["model"], method="gram", per_layer=True, mesh=mesh, compiler_options=FAST)
@@ -406,9 +417,8 @@ def test_equals_pytorch_autograd(results):
 
 # --- token level, sketches --------------------------------------------------------------------------
 
-def test_token_gram_equals_per_token_brute_force(results, tmp_path):
-    if results["family"] != "gpt2":
-        pytest.skip("one family suffices (the paper's heat maps are GPT-2's)")
+def test_token_gram_equals_per_token_brute_force(gpt2, tmp_path):
+    results = gpt2  # the paper's heat maps are GPT-2's
     r = results["float64"]
     p, c, rj = results["ex"][1]
     with jax.enable_x64(True):
@@ -440,9 +450,8 @@ def test_token_gram_equals_per_token_brute_force(results, tmp_path):
     assert png.stat().st_size > 1000
 
 
-def test_sketches_equal_explicit_projection(results):
-    if results["family"] != "llama":
-        pytest.skip("one family suffices")
+def test_sketches_equal_explicit_projection(llama):
+    results = llama
     r = results["float64"]
     k, seed = 6, 3
     with jax.enable_x64(True):

@@ -131,3 +131,13 @@ def test_empty_commit_needs_schema(tmp_path):
     assert t.commit(schema=schema).num_rows == 0
     with pytest.raises(ValueError, match="schema"):
         store.ChunkedTable(tmp_path / "u.parquet").commit()
+
+
+def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path):
+    """``mkstemp`` creates 0600 files; committed outputs must be readable like any file the user writes."""
+    import stat
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    atomic = store.write_bytes(tmp_path / "atomic.bin", b"x")
+    assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)

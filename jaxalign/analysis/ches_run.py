@@ -12,11 +12,13 @@ Output files in ``DIR``:
 
 ``scores.parquet``
     one row per scored record: ``index`` (the record's position in the input), ``ches``, ``ln_ches``,
-    ``minus_norm_edit_distance``, ``last_hidden_ip``, ``prompt_len``, ``chosen_len``, ``rejected_len``
-    (token counts; response lengths include the EOS and equal the number of summed positions).
+    ``minus_norm_edit_distance``, ``last_hidden_ip``, ``real_cosine`` (REAL's cosine of the two
+    responses embedded alone, :mod:`jaxalign.analysis.real`; NaN with ``real=False``), ``prompt_len``,
+    ``chosen_len``, ``rejected_len`` (token counts; response lengths include the EOS and equal the number
+    of summed positions).
 ``summary.json``
     counts (read, kept, scored, skipped by kind, identical pairs, truncated), quantiles and mean/std of
-    each measure, and the Spearman rank correlations between the four measures.
+    each measure, and the Spearman rank correlations between the five measures.
 ``ches_hist.png``
     histograms of CHES and LN-CHES.
 ``skipped.jsonl``
@@ -26,7 +28,6 @@ Output files in ``DIR``:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -35,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 
 from jaxalign import store
-from jaxalign.analysis import baselines
+from jaxalign.analysis import baselines, jobs
 from jaxalign.errors import ConfigError
 
-MEASURES = ("ches", "ln_ches", "minus_norm_edit_distance", "last_hidden_ip")
+MEASURES = ("ches", "ln_ches", "minus_norm_edit_distance", "last_hidden_ip", "real_cosine")
 COLUMNS = ("index",) + MEASURES + ("prompt_len", "chosen_len", "rejected_len")
 SCHEMA = pa.schema([("index", pa.int64())] + [(m, pa.float64()) for m in MEASURES]
                    + [(c, pa.int32()) for c in ("prompt_len", "chosen_len", "rejected_len")])
@@ -100,20 +101,14 @@ def _ragged_head(r, n: int):
     return Ragged(r.values[:r.offsets[n]], r.offsets[:n + 1])
 
 
-def _model_stamp(path: str) -> list:
-    """Names, sizes and modification times of a model's files (part of the resume fingerprint)."""
-    p = Path(path)
-    files = sorted(p.iterdir()) if p.is_dir() else [p]
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files
-            if f.is_file() and (f.suffix in (".safetensors", ".gguf", ".json"))]
-
-
 def score_tokens(scorer: Callable, loaded, chunks: store.ChunkedTable, batches: list[np.ndarray],
                  *, batch_size: int, rows_multiple: int = 1, progress: bool = True,
-                 after_batch: Callable[[int], None] | None = None, desc: str = "ches") -> None:
+                 after_batch: Callable[[int], None] | None = None, desc: str = "ches",
+                 real_cosine: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
     """Scores the batches not yet in ``chunks`` and writes each as a part (see module doc).
 
     ``loaded`` is a :class:`jaxalign.data.PairDataset`; ``batches`` holds positions into its tokens.
+    ``real_cosine`` maps record indices ``[n]`` to REAL cosines ``[n]``; ``None`` writes NaN.
     """
     from tqdm.auto import tqdm
 
@@ -137,6 +132,8 @@ def score_tokens(scorer: Callable, loaded, chunks: store.ChunkedTable, batches: 
                                         response_length=bucket(int(r_len.max())))
             out = scorer(batch)
             n = len(rows)
+            real = (np.full(n, np.nan) if real_cosine is None
+                    else np.asarray(real_cosine(tokens.index[rows]), np.float64))
             edit = np.array([baselines.minus_norm_edit_distance(tokens.chosen[i], tokens.rejected[i])
                              for i in rows], np.float64)
             chunks.write_chunk(batch_id, pa.table({
@@ -145,6 +142,7 @@ def score_tokens(scorer: Callable, loaded, chunks: store.ChunkedTable, batches: 
                 "ln_ches": pa.array(out["ln_ches"][:n].astype(np.float64)),
                 "minus_norm_edit_distance": pa.array(edit),
                 "last_hidden_ip": pa.array(out["last_hidden_ip"][:n].astype(np.float64)),
+                "real_cosine": pa.array(real),
                 "prompt_len": pa.array(p_len.astype(np.int32)),
                 "chosen_len": pa.array(tokens.chosen.lengths[rows].astype(np.int32)),
                 "rejected_len": pa.array(tokens.rejected.lengths[rows].astype(np.int32)),
@@ -160,7 +158,7 @@ def run_ches(model_path: str, data: str, out_dir: str, *, batch_size: int = 8,
              max_length: int | None = None, limit: int | None = None, layer: int | None = None,
              on_bad_record: str = "error", chat: bool = False, mesh=None, overwrite: bool = False,
              progress: bool = True, after_batch: Callable[[int], None] | None = None,
-             model_and_tokenizer=None) -> dict:
+             model_and_tokenizer=None, real: bool = True, real_max_length: int | None = 512) -> dict:
     """Scores every pair of ``data`` with the model at ``model_path``; writes ``out_dir`` (module doc).
 
     Args:
@@ -178,6 +176,8 @@ def run_ches(model_path: str, data: str, out_dir: str, *, batch_size: int = 8,
       progress: show a progress bar.
       after_batch: called with the batch id after each batch is written (tests use it to interrupt).
       model_and_tokenizer: an already loaded ``(model, tokenizer)`` to use instead of loading.
+      real: also compute ``real_cosine`` (each response embedded alone, up to ``real_max_length``
+        tokens; REAL's default 512); ``False`` writes NaN.
 
     Returns:
       the summary (also written to ``summary.json``).
@@ -190,20 +190,8 @@ def run_ches(model_path: str, data: str, out_dir: str, *, batch_size: int = 8,
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     out = Path(out_dir)
     table_path = out / "scores.parquet"
-    chunks_dir = table_path.with_name(table_path.name + ".parts")
-    if table_path.exists() and not chunks_dir.exists():
-        if not overwrite:
-            raise ConfigError(f"{table_path} already exists (a finished run); pass --overwrite to replace "
-                              "it or choose another --out")
-        table_path.unlink()
-    if model_and_tokenizer is None:
-        from jaxalign.models import load_pretrained
-
-        model, tokenizer = load_pretrained(model_path, mesh=mesh)
-    else:
-        model, tokenizer = model_and_tokenizer
-    if tokenizer is None:
-        raise ConfigError(f"{model_path}: the model folder has no tokenizer files; CHES needs the tokenizer")
+    jobs.guard_finished(table_path, overwrite)
+    model, tokenizer = jobs.load_model(model_path, job="CHES", mesh=mesh, model_and_tokenizer=model_and_tokenizer)
     if layer is not None:
         check_layer(model, layer, model_path)
     lead = jax_process_index() == 0
@@ -215,19 +203,18 @@ def run_ches(model_path: str, data: str, out_dir: str, *, batch_size: int = 8,
     rows_multiple = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
     resp_len = np.maximum(tokens.chosen.lengths, tokens.rejected.lengths)
     batches = plan_batches(tokens.prompt.lengths, resp_len, batch_size)
-    plan_hash = hashlib.sha256(np.concatenate(batches).astype(np.int64).tobytes()
-                               if batches else b"").hexdigest()
-    token_hash = hashlib.sha256()
-    for name, arr in sorted(tokens.to_arrays().items()):
-        token_hash.update(name.encode() + np.ascontiguousarray(arr).tobytes())
-    fingerprint = {"model": os.path.abspath(model_path), "model_files": _model_stamp(model_path),
-                   "data": data, "tokens": token_hash.hexdigest(), "layer": layer,
+    fingerprint = {"model": os.path.abspath(model_path), "model_files": jobs.model_stamp(model_path),
+                   "data": data, "tokens": jobs.tokens_digest(tokens), "layer": layer,
                    "batch_size": batch_size, "max_length": max_length, "limit": limit,
-                   "on_bad_record": on_bad_record, "chat": chat, "pairs": len(tokens), "plan": plan_hash}
+                   "on_bad_record": on_bad_record, "chat": chat, "pairs": len(tokens), "plan": jobs.plan_digest(batches),
+                   "real": real, "real_max_length": real_max_length if real else None}
     chunks = store.ChunkedTable(table_path, fingerprint=fingerprint)
     scorer = ches.make_scorer(model, mesh=mesh, layer=layer)
+    real_cosine = (make_real_cosine(model, tokenizer, data, batch_size=batch_size, mesh=mesh,
+                                    max_length=real_max_length, on_bad_record=on_bad_record)
+                   if real else None)
     score_tokens(scorer, loaded, chunks, batches, batch_size=batch_size, rows_multiple=rows_multiple,
-                 progress=progress and lead, after_batch=after_batch)
+                 progress=progress and lead, after_batch=after_batch, real_cosine=real_cosine)
     summary = None
     if lead:
         table = chunks.commit(expected_keys=tokens.index.tolist(), schema=SCHEMA,
@@ -237,6 +224,30 @@ def run_ches(model_path: str, data: str, out_dir: str, *, batch_size: int = 8,
         plot_histograms(table, out / "ches_hist.png", title=f"{Path(model_path).name} on {data}")
         chunks.cleanup()
     return summary
+
+
+def make_real_cosine(model, tokenizer, data: str, *, batch_size: int, mesh, max_length: int | None,
+                     on_bad_record: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from record indices ``[n]`` to REAL cosines ``[n]`` of those records' responses.
+
+    The records are read again as text (REAL embeds each response alone, tokenized on its own, not the
+    joint tokens CHES uses); the embedding forward passes run batch by batch, inside the resumable loop.
+    """
+    from jaxalign import data as data_lib
+    from jaxalign.analysis import real as real_lib
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data_lib.DataWarning)  # already reported by load_pairs
+        pairs, _ = data_lib.read_pairs(data, on_bad_record=on_bad_record)
+    by_index = {p.index: p for p in pairs}
+
+    def real_cosine(indices: np.ndarray) -> np.ndarray:
+        return real_lib.real_cosines(model, tokenizer, [by_index[int(i)] for i in indices],
+                                     batch_size=2 * batch_size, max_length=max_length, mesh=mesh)
+
+    return real_cosine
 
 
 def check_layer(model, layer: int, source: str = "model") -> None:

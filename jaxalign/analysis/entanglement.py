@@ -371,7 +371,6 @@ def gram_plans(sm: SplitModel, diff, fixed, rest, P: int, R: int, dtypes=None) -
 
 def _pair_gram(sm, plans: GramPlans, diff, fixed, rest, pair):
     """Per-leaf stats ``[3, G]`` and ``s`` ``[2]`` of one pair from probes and token Gram matrices."""
-    P, R = pair["prompt_ids"].shape[0], pair["chosen_ids"].shape[0]
     ex_idx = plans.exact_leaves
     ex = [diff[i] for i in ex_idx]
 

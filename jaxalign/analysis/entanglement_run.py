@@ -40,7 +40,6 @@ Output files in ``DIR``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -51,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 
 from jaxalign import store
-from jaxalign.analysis import ches_run
+from jaxalign.analysis import ches_run, jobs
 from jaxalign.analysis import entanglement as ent
 from jaxalign.errors import ConfigError
 
@@ -185,21 +184,9 @@ def run_entangle(model_path: str, data: str, out_dir: str, *, loss: str = "sigmo
                           **dict(loss_options or {}))
     out = Path(out_dir)
     table_path = out / "pairs.parquet"
-    parts_dir = table_path.with_name(table_path.name + ".parts")
-    if table_path.exists() and not parts_dir.exists():
-        if not overwrite:
-            raise ConfigError(f"{table_path} already exists (a finished run); pass --overwrite to replace "
-                              "it or choose another --out")
-        table_path.unlink()
-    if model_and_tokenizer is None:
-        from jaxalign.models import load_pretrained
-
-        model, tokenizer = load_pretrained(model_path, mesh=mesh)
-    else:
-        model, tokenizer = model_and_tokenizer
-    if tokenizer is None:
-        raise ConfigError(f"{model_path}: the model folder has no tokenizer files; entangle needs the "
-                          "tokenizer")
+    jobs.guard_finished(table_path, overwrite)
+    model, tokenizer = jobs.load_model(model_path, job="entangle", mesh=mesh,
+                                       model_and_tokenizer=model_and_tokenizer)
     ref_model = None
     if ref is not None:
         from jaxalign.models import load_pretrained
@@ -213,22 +200,17 @@ def run_entangle(model_path: str, data: str, out_dir: str, *, loss: str = "sigmo
     rows_multiple = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
     resp_len = np.maximum(tokens.chosen.lengths, tokens.rejected.lengths)
     batches = ches_run.plan_batches(tokens.prompt.lengths, resp_len, batch_size)
-    plan_hash = hashlib.sha256(np.concatenate(batches).astype(np.int64).tobytes()
-                               if batches else b"").hexdigest()
-    token_hash = hashlib.sha256()
-    for name, arr in sorted(tokens.to_arrays().items()):
-        token_hash.update(name.encode() + np.ascontiguousarray(arr).tobytes())
-    fingerprint = {"model": os.path.abspath(model_path), "model_files": ches_run._model_stamp(model_path),
+    fingerprint = {"model": os.path.abspath(model_path), "model_files": jobs.model_stamp(model_path),
                    "ref": None if ref is None else os.path.abspath(ref),
-                   "ref_files": None if ref is None else ches_run._model_stamp(ref),
-                   "data": data, "tokens": token_hash.hexdigest(), "chat": chat, "loss": loss,
+                   "ref_files": None if ref is None else jobs.model_stamp(ref),
+                   "data": data, "tokens": jobs.tokens_digest(tokens), "chat": chat, "loss": loss,
                    "beta": beta,
                    "loss_options": dict(loss_options or {}), "method": method,
                    "params": list(params) if params else None, "last_blocks": last_blocks,
                    "per_layer": per_layer,
                    "batch_size": batch_size, "max_length": max_length, "limit": limit,
                    "on_bad_record": on_bad_record, "sketch": [sketch_dim, sketch_kind, sketch_seed],
-                   "pairs": N, "plan": plan_hash}
+                   "pairs": N, "plan": jobs.plan_digest(batches)}
     chunks = store.ChunkedTable(table_path, fingerprint=fingerprint)
 
     probe = ent.make_probe(model, method=method, params=params, last_blocks=last_blocks, per_layer=per_layer,

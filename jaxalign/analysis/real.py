@@ -579,14 +579,9 @@ def run_select(model_path: str | None, data: str, out: str, *, subset: str, frac
     from jaxalign.data.load import open_source
     from jaxalign.data.validate import validate_source
 
-    if model_and_tokenizer is None:
-        from jaxalign.models import load_pretrained
+    from jaxalign.analysis import jobs
 
-        model, tokenizer = load_pretrained(model_path, mesh=mesh)
-    else:
-        model, tokenizer = model_and_tokenizer
-    if tokenizer is None:
-        raise ConfigError(f"{model_path}: the model has no tokenizer files; REAL needs the tokenizer")
+    model, tokenizer = jobs.load_model(model_path, job="REAL", mesh=mesh, model_and_tokenizer=model_and_tokenizer)
     source = open_source(data, split)
     summary: dict[str, Any] = {"method": "real", "model": model_path, "data": data, "subset": subset,
                                "seed": seed, "max_length": max_length}

@@ -430,3 +430,78 @@ def unembed(hidden_BTD: jax.Array, table_VD: jax.Array, softcap: float | None = 
     if softcap is not None:
         logits_BTV = softcap * jnp.tanh(logits_BTV / softcap)
     return logits_BTV
+
+
+class DecoderLM(nnx.Module):
+    """What the decoders share: options, the bookkeeping of positions and cache of a call, the final
+    norm and the (tied) unembedding. A subclass calls :meth:`setup` first, builds its token embedding
+    (attribute named by ``embed_name``), ``layers`` and ``final_norm``, then calls :meth:`make_lm_head`.
+    Its ``cfg`` has ``vocab_size``, ``hidden_size``, ``num_layers``, ``num_kv_heads``,
+    ``head_dim``, ``tie_word_embeddings`` and optionally ``final_logit_softcap``.
+    """
+
+    embed_name = "embed"
+
+    def setup(self, cfg, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str | None, attention_impl: str) -> dict:
+        """Checks and stores the options; returns the keyword arguments every layer takes."""
+        remat_policy(remat)
+        self.attention_impl = check_attention_impl(attention_impl)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        return dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def make_lm_head(self, rngs: nnx.Rngs, param_dtype) -> None:
+        """An output embedding ``[V, D]`` of its own unless the model ties it to the input embedding."""
+        cfg = self.cfg
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size,
+                                     cfg.hidden_size), param_dtype), logical_axes=("vocab", "embed"))
+
+    @staticmethod
+    def call_positions(attention_mask_BT: jax.Array, cache: KVCache | None):
+        """Positions ``[B, T]`` of this call's tokens, their validity, the keys' positions and validity
+        ``[B, S]`` (this call's tokens, or the cache's slots), and the cache holding this call's tokens."""
+        valid_BT = attention_mask_BT.astype(bool)
+        if cache is None:
+            positions_BT = positions_from_mask(attention_mask_BT)
+            return positions_BT, valid_BT, positions_BT, valid_BT, None
+        positions_BT = cache.next_positions(attention_mask_BT)
+        cache = cache.append_tokens(positions_BT, valid_BT)
+        return positions_BT, valid_BT, cache.positions, cache.valid, cache
+
+    def layer_runner(self, softcap: float | None = None):
+        """``run(layer, *args)`` = ``layer(*args, impl)`` with the attention implementation resolved for
+        this call and the block rematerialised with the model's policy (a closure: ``nnx.remat`` takes it)."""
+        impl = resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=self.cfg.head_dim,
+                                      softcap=softcap, per_call=True)
+
+        def run(layer, *args):
+            return layer(*args, impl)
+
+        return remat_block(run, self.remat)
+
+    def finish(self, x_BTD: jax.Array, layer_hidden: list, cache: KVCache | None, num_tokens: int, *,
+               return_logits: bool, return_layer_hidden: bool) -> ModelOutput:
+        """Final norm, logits if asked, and the cache advanced past this call's ``num_tokens``."""
+        if cache is not None:
+            cache = cache.advance(num_tokens)
+        hidden_BTD = self.final_norm(x_BTD)
+        return ModelOutput(logits=self.logits(hidden_BTD) if return_logits else None, hidden=hidden_BTD,
+                           layer_hidden=tuple(layer_hidden) if return_layer_hidden else None, cache=cache)
+
+    def unembedding(self) -> jax.Array:
+        """The output embedding matrix ``W`` ``[V, D]`` (the input embeddings when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return getattr(self, self.embed_name).embedding[...]
+        return self.lm_head[...]
+
+    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+        """Float32 logits ``[B, T, V]`` of final hidden states (soft-capped where the config says so)."""
+        return unembed(hidden_BTD, self.unembedding(), getattr(self.cfg, "final_logit_softcap", None))
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+        """An empty :class:`KVCache` of ``length`` slots."""
+        cfg = self.cfg
+        return KVCache.create(cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim,
+                              dtype=dtype or self.dtype)

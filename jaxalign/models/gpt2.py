@@ -150,70 +150,33 @@ class DecoderLayer(nnx.Module):
         return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
-def _layer_runner(impl: str):
-    """``run(layer, …)`` applying one block with attention ``impl`` (a closure: ``nnx.remat`` takes it)."""
-    def run(layer: DecoderLayer, x_BTD, mask_BTS, cache):
-        return layer(x_BTD, mask_BTS, cache, impl)
-    return run
-
-
-class GPT2(nnx.Module):
+class GPT2(base.DecoderLM):
     """GPT-2 language model (calling convention and options of :class:`jaxalign.models.llama.Llama`)."""
+
+    embed_name = "wte"
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: str | None = None, attention_impl: str = "auto"):
-        base.remat_policy(remat)
-        self.attention_impl = base.check_attention_impl(attention_impl)
-        p = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.cfg = cfg
-        self.dtype = dtype
-        self.remat = remat
+        p = self.setup(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                       attention_impl=attention_impl)
         self.wte = base.Embed(cfg.vocab_size, cfg.hidden_size, **p)
         self.wpe = base.Embed(cfg.max_position_embeddings, cfg.hidden_size, axes=("positions", "embed"), **p)
         self.layers = nnx.List([DecoderLayer(cfg, i, **p) for i in range(cfg.num_layers)])
         self.final_norm = base.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **p)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size,
-                                     cfg.hidden_size), param_dtype), logical_axes=("vocab", "embed"))
+        self.make_lm_head(rngs, param_dtype)
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
                  cache: base.KVCache | None = None, return_logits: bool = True,
                  return_layer_hidden: bool = False) -> base.ModelOutput:
-        valid_BT = attention_mask_BT.astype(bool)
-        if cache is None:
-            positions_BT = base.positions_from_mask(attention_mask_BT)
-            k_pos_BS, k_valid_BS = positions_BT, valid_BT
-        else:
-            positions_BT = cache.next_positions(attention_mask_BT)
-            cache = cache.append_tokens(positions_BT, valid_BT)
-            k_pos_BS, k_valid_BS = cache.positions, cache.valid
+        positions_BT, valid_BT, k_pos_BS, k_valid_BS, cache = self.call_positions(attention_mask_BT, cache)
         mask_BTS = base.attention_mask_BTS(positions_BT, k_pos_BS, valid_BT, k_valid_BS)
         # Positions past n_positions are clipped (padding may sit one past the last token).
         pos_BTD = jnp.take(self.wpe.embedding[...], positions_BT, axis=0, mode="clip").astype(self.dtype)
         x_BTD = self.wte(input_ids_BT) + pos_BTD
-        impl = base.resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=self.cfg.head_dim,
-                                           per_call=True)
-        run = base.remat_block(_layer_runner(impl), self.remat)
+        run = self.layer_runner()
         layer_hidden = [x_BTD]
         for layer in self.layers:
             x_BTD, cache = run(layer, x_BTD, mask_BTS, cache)
             layer_hidden.append(x_BTD)
-        if cache is not None:
-            cache = cache.advance(input_ids_BT.shape[1])
-        hidden_BTD = self.final_norm(x_BTD)
-        return base.ModelOutput(logits=self.logits(hidden_BTD) if return_logits else None, hidden=hidden_BTD,
-                                layer_hidden=tuple(layer_hidden) if return_layer_hidden else None,
-                                cache=cache)
-
-    def unembedding(self) -> jax.Array:
-        """The output embedding matrix ``[V, D]`` (``wte`` when tied)."""
-        return self.wte.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
-
-    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        """Float32 logits ``[B, T, V]``."""
-        return base.unembed(hidden_BTD, self.unembedding())
-
-    def init_cache(self, batch: int, length: int, dtype=None) -> base.KVCache:
-        cfg = self.cfg
-        return base.KVCache.create(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim,
-                                   dtype=dtype or self.dtype)
+        return self.finish(x_BTD, layer_hidden, cache, input_ids_BT.shape[1], return_logits=return_logits,
+                           return_layer_hidden=return_layer_hidden)

@@ -293,14 +293,7 @@ class DecoderLayer(nnx.Module):
         return x_BTD + h_BTD, cache
 
 
-def _layer_runner(impl: str):
-    """``run(layer, …)`` applying one block with attention ``impl`` (a closure: ``nnx.remat`` takes it)."""
-    def run(layer: DecoderLayer, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache):
-        return layer(x_BTD, positions_BT, inv_freq_F, mask_BTS, cache, impl)
-    return run
-
-
-class Llama(nnx.Module):
+class Llama(base.DecoderLM):
     """The decoder: embeddings, ``L`` :class:`DecoderLayer`s, final norm, (tied) unembedding.
 
     Args:
@@ -316,32 +309,19 @@ class Llama(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: str | None = None, attention_impl: str = "auto"):
-        base.remat_policy(remat)
-        self.attention_impl = base.check_attention_impl(attention_impl)
-        p = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.cfg = cfg
-        self.dtype = dtype
-        self.remat = remat
+        p = self.setup(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                       attention_impl=attention_impl)
         self.embed = base.Embed(cfg.vocab_size, cfg.hidden_size, **p)
         self.layers = nnx.List([DecoderLayer(cfg, i, **p) for i in range(cfg.num_layers)])
         self.final_norm = _norm(cfg, cfg.hidden_size, **p)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size,
-                                     cfg.hidden_size), param_dtype), logical_axes=("vocab", "embed"))
+        self.make_lm_head(rngs, param_dtype)
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
                  cache: base.KVCache | None = None, return_logits: bool = True,
                  return_layer_hidden: bool = False) -> base.ModelOutput:
         """Forward pass; see :mod:`jaxalign.models.base` for positions, masks and the cache."""
         cfg = self.cfg
-        valid_BT = attention_mask_BT.astype(bool)
-        if cache is None:
-            positions_BT = base.positions_from_mask(attention_mask_BT)
-            k_pos_BS, k_valid_BS = positions_BT, valid_BT
-        else:
-            positions_BT = cache.next_positions(attention_mask_BT)
-            cache = cache.append_tokens(positions_BT, valid_BT)
-            k_pos_BS, k_valid_BS = cache.positions, cache.valid
+        positions_BT, valid_BT, k_pos_BS, k_valid_BS, cache = self.call_positions(attention_mask_BT, cache)
         masks = {w: base.attention_mask_BTS(positions_BT, k_pos_BS, valid_BT, k_valid_BS, sliding_window=w)
                  for w in {cfg.window(i) for i in range(cfg.num_layers)}}
         inv_freq_F = cfg.rope.inv_freq_for(cfg.head_dim, positions_BT, valid_BT)
@@ -349,30 +329,10 @@ class Llama(nnx.Module):
         x_BTD = self.embed(input_ids_BT)
         if cfg.embed_scale:  # Gemma: × √D rounded to the activation dtype
             x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), x_BTD.dtype)
-        impl = base.resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=cfg.head_dim,
-                                           softcap=cfg.attn_logit_softcap, per_call=True)
-        run = base.remat_block(_layer_runner(impl), self.remat)
+        run = self.layer_runner(softcap=cfg.attn_logit_softcap)
         layer_hidden = [x_BTD]
         for i, layer in enumerate(self.layers):
             x_BTD, cache = run(layer, x_BTD, positions_BT, inv_freq_F, masks[cfg.window(i)], cache)
             layer_hidden.append(x_BTD)
-        if cache is not None:
-            cache = cache.advance(input_ids_BT.shape[1])
-        hidden_BTD = self.final_norm(x_BTD)
-        return base.ModelOutput(logits=self.logits(hidden_BTD) if return_logits else None, hidden=hidden_BTD,
-                                layer_hidden=tuple(layer_hidden) if return_layer_hidden else None,
-                                cache=cache)
-
-    def unembedding(self) -> jax.Array:
-        """The output embedding matrix ``W`` ``[V, D]`` (the input embeddings when tied)."""
-        return self.embed.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
-
-    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        """Float32 logits ``[B, T, V]`` of final hidden states (Gemma 2: soft-capped)."""
-        return base.unembed(hidden_BTD, self.unembedding(), self.cfg.final_logit_softcap)
-
-    def init_cache(self, batch: int, length: int, dtype=None) -> base.KVCache:
-        """An empty :class:`base.KVCache` of ``length`` slots."""
-        cfg = self.cfg
-        return base.KVCache.create(cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim,
-                                   dtype=dtype or self.dtype)
+        return self.finish(x_BTD, layer_hidden, cache, input_ids_BT.shape[1], return_logits=return_logits,
+                           return_layer_hidden=return_layer_hidden)

@@ -28,7 +28,7 @@ import yaml
 
 from jaxalign.errors import ConfigError
 from jaxalign.train.config import OptimConfig
-from jaxalign.train.config import _build, apply_overrides, flatten, loss_terms
+from jaxalign.train.config import build_dataclass, apply_overrides, flatten, loss_terms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,7 @@ def _validate(cfg: OnlineConfig) -> OnlineConfig:
 
 def from_dict(raw: dict, overrides=()) -> OnlineConfig:
     """Builds and validates an :class:`OnlineConfig` from plain data and dotted overrides."""
-    return _validate(_build(OnlineConfig, apply_overrides(raw or {}, list(overrides))))
+    return _validate(build_dataclass(OnlineConfig, apply_overrides(raw or {}, list(overrides))))
 
 
 def load(path: str | Path, overrides=()) -> OnlineConfig:

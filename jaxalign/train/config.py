@@ -195,11 +195,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a {base.__name__}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
-def _build(cls, values: Any, prefix: str = ""):
+def build_dataclass(cls, values: Any, prefix: str = ""):
+    """``cls(**values)`` with every value type-checked and coerced; unknown keys are a ConfigError.
+
+    Nested dataclass fields are built from nested mappings; ``prefix`` names the section in errors.
+    """
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -310,7 +314,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def from_dict(raw: dict, overrides: list[str] = ()) -> RunConfig:
     """Builds and validates a :class:`RunConfig` from plain data and dotted overrides."""
-    return _validate(_build(RunConfig, apply_overrides(raw or {}, list(overrides))))
+    return _validate(build_dataclass(RunConfig, apply_overrides(raw or {}, list(overrides))))
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -356,8 +356,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                 outs.setdefault(k, []).append(to_host(v)[rows >= 0])
         return {k: np.concatenate(v) for k, v in outs.items()}
 
-    def reference(s: _Set) -> dict[str, np.ndarray]:
-        """The initial model's log-probs of a set, through the disk cache."""
+    def reference(s: _Set, params_) -> dict[str, np.ndarray]:
+        """The initial model's (``params_``) log-probs of a set, through the disk cache."""
         key = ref_cache.cache_key(weights=weights_key, dtype=f"{cfg.model.param_dtype}/{cfg.model.dtype}",
                                   tokens=ref_cache.tokens_fingerprint(s.tokens), lengths=s.lengths,
                                   shared_prompt=spec.shared_prompt)
@@ -369,7 +369,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         def compute():
             if hit:  # present but unreadable: computing alone would hang the other processes
                 raise CheckpointError(f"{path}: the reference cache entry cannot be read; delete it")
-            lp = set_logps(params, s)
+            lp = set_logps(params_, s)
             return {"ref_chosen_logps": lp["chosen_logps"], "ref_rejected_logps": lp["rejected_logps"],
                     "index": s.tokens.index}
 
@@ -382,7 +382,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     for s in sets.values():
         if s.name == "train" and (online or not spec.needs_reference):
             continue
-        s.ref = reference(s)
+        s.ref = reference(s, params)
     ref_params = jax.tree.map(jnp.copy, params) if online else None
 
     # State, checkpoints, resume.

@@ -1,0 +1,20 @@
+"""``jaxalign demo``: what this project is for, in one command, on a real model and real data.
+
+Four steps, each with a progress bar, all outputs in one folder (default ``./demo_out``):
+
+1. **CHES** (:func:`jaxalign.analysis.ches_run.run_ches`): CHES, LN-CHES and the two baselines of every
+   pair (Razin et al., ICLR 2025).
+2. **Entanglement** (:func:`jaxalign.analysis.entanglement_run.run_entangle`): ‖g_w‖², ‖g_l‖², ⟨g_w, g_l⟩
+   and DPO's predicted change of both log-probs for a sample of the trained pairs (Yuan et al., ICLR 2025).
+3. **Two DPO runs** (:func:`jaxalign.train.loop.train`) from the same start with the same
+   hyper-parameters, one on the highest-LN-CHES pairs and one on the lowest; the ledger records the
+   chosen/rejected log-prob of every trained pair.
+4. **The report** (:mod:`jaxalign.demo.report`): ``report.md`` with PNG figures and ``report.html``.
+
+Modules: :mod:`jaxalign.demo.pipeline` (settings, steps, resume), :mod:`jaxalign.demo.report` (the
+numbers and the report). ``docs/demo.md`` describes the output.
+"""
+
+from jaxalign.demo.pipeline import Settings, run_demo
+
+__all__ = ["Settings", "run_demo"]
