@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from jaxalign import store
+from jaxalign.analysis.ches_run import MEASURES  # the score columns of scores.parquet
 
 SUBSETS = ("high", "low")
 SUBSET_NAMES = {"high": "highest LN-CHES", "low": "lowest LN-CHES"}
-MEASURES = ("ches", "ln_ches", "minus_norm_edit_distance", "last_hidden_ip")
 MEASURE_NAMES = {"ches": "CHES", "ln_ches": "LN-CHES", "minus_norm_edit_distance": "−edit distance",
-                 "last_hidden_ip": "last hidden ⟨h+, h−⟩"}
+                 "last_hidden_ip": "last hidden ⟨h+, h−⟩", "real_cosine": "REAL cos(e+, e−)"}
 
 
 def _column(table, name: str) -> np.ndarray:
@@ -39,7 +39,7 @@ def read_metrics(path: Path) -> list[dict]:
 def measure(out: str | Path) -> dict[str, Any]:
     """The demo's numbers from its output folder (module doc).
 
-    Returns a dict with ``pairs`` (per trained pair: ``subset``, ``index``, the four CHES measures,
+    Returns a dict with ``pairs`` (per trained pair: ``subset``, ``index``, the CHES measures and baselines,
     ``d_chosen``, ``d_rejected``), ``subsets`` (per subset: counts, means, standard errors, fraction of
     pairs whose y+ fell, final metrics), ``spearman`` (measure → {all, high, low}: ρ with the realised
     Δ log π(y+)), ``entangle`` (per probed pair and the case fractions), and ``trajectories``.
@@ -225,7 +225,7 @@ def write_report(out: str | Path, run: dict) -> dict:
         "CHES = ⟨S(y+), S(y−)⟩ − ‖S(y+)‖² with S(y) the sum of the last hidden states over the response; "
         "LN-CHES normalises by the lengths (docs/ches.md; with equal response lengths everywhere the two "
         "rank the pairs alike, and a constant baseline has no rank correlation, shown as –). Rank "
-        f"correlations between the four measures over the {ches_summary['counts']['scored']} scored pairs:")
+        f"correlations between the {len(MEASURES)} measures over the {ches_summary['counts']['scored']} scored pairs:")
     sp = ches_summary["spearman"]
     rep.table(["Spearman ρ"] + [MEASURE_NAMES[b] for b in MEASURES],
               [[MEASURE_NAMES[a]] + [sp[a][b] for b in MEASURES] for a in MEASURES], digits=3)
