@@ -323,7 +323,7 @@ def summarize(table: pa.Table, report, **about) -> dict:
 
 def plot_histograms(table: pa.Table, path: Path, *, title: str = "") -> None:
     """``ches_hist.png``: histograms of CHES and LN-CHES, written atomically."""
-    import io
+    from jaxalign import report
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -344,9 +344,7 @@ def plot_histograms(table: pa.Table, path: Path, *, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    store.write_bytes(path, buf.getvalue())
+    report.save_figure(fig, path, dpi=100)
 
 
 def format_summary(summary: dict, out_dir: str) -> str:

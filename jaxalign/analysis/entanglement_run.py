@@ -368,7 +368,7 @@ def summarize(table: pa.Table, report, **about) -> dict:
 
 def plot_scatter(table: pa.Table, path: Path, *, title: str = "") -> None:
     """``scatter.png``: predicted Δs_w vs Δs_l by case, and the histogram of the cosines."""
-    import io
+    from jaxalign import report
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -398,9 +398,7 @@ def plot_scatter(table: pa.Table, path: Path, *, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    store.write_bytes(path, buf.getvalue())
+    report.save_figure(fig, path, dpi=100)
 
 
 def format_summary(summary: dict, out_dir: str) -> str:
