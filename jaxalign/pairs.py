@@ -20,12 +20,49 @@ tokens (EOS included):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxalign import logprobs
+
+#: The six arrays of a pair batch as plain mapping keys (host batches, shardings, checkpoints).
+KEYS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+    """``B`` preference pairs in the shared-prompt layout (a pytree: jit, vmap and shard it whole).
+
+    Attributes:
+      prompt_ids_BP, prompt_mask_BP: ``[B, P]`` prompts, any padding side.
+      chosen_ids_BR, chosen_mask_BR: ``[B, R]`` chosen responses (EOS included), right-padded.
+      rejected_ids_BR, rejected_mask_BR: ``[B, R]`` rejected responses, right-padded.
+    """
+
+    prompt_ids_BP: Any
+    prompt_mask_BP: Any
+    chosen_ids_BR: Any
+    chosen_mask_BR: Any
+    rejected_ids_BR: Any
+    rejected_mask_BR: Any
+
+    @classmethod
+    def of(cls, batch: Mapping[str, Any]) -> "PairBatch":
+        """From a mapping with the :data:`KEYS` (extra keys, e.g. reference log-probs, are ignored)."""
+        return cls(*(batch[k] for k in KEYS))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The six arrays under :data:`KEYS`."""
+        return dict(zip(KEYS, dataclasses.astuple(self)))
+
+    def responses_2BR(self) -> tuple[Any, Any]:
+        """``(ids, mask)`` ``[2B, R]``: the chosen rows, then the rejected rows."""
+        return (jnp.concatenate([self.chosen_ids_BR, self.rejected_ids_BR], axis=0),
+                jnp.concatenate([self.chosen_mask_BR, self.rejected_mask_BR], axis=0))
 
 
 class PairOutput(NamedTuple):
@@ -42,28 +79,90 @@ class PairOutput(NamedTuple):
     prompt_last_hidden: jax.Array | None = None  # [B, D] final hidden state at the last prompt token
 
 
-def _last_valid_index(mask_BT: jax.Array) -> jax.Array:
+def last_valid_index(mask_BT: jax.Array) -> jax.Array:
     """Index ``[B]`` of the last valid slot of each row (any padding side)."""
     T = mask_BT.shape[1]
     return T - 1 - jnp.argmax(mask_BT[:, ::-1].astype(bool), axis=1)
 
 
-def _take_B(x_BT_: jax.Array, idx_B: jax.Array) -> jax.Array:
+def take_rows(x_BT_: jax.Array, idx_B: jax.Array) -> jax.Array:
+    """``x[b, idx[b]]`` for every row: ``[B, T, …]`` → ``[B, …]``."""
     return jnp.take_along_axis(x_BT_, idx_B.reshape((-1, 1) + (1,) * (x_BT_.ndim - 2)), axis=1)[:, 0]
 
 
-def pair_forward(model, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array,
-                 chosen_ids_BR: jax.Array, chosen_mask_BR: jax.Array,
-                 rejected_ids_BR: jax.Array, rejected_mask_BR: jax.Array, *,
-                 logps: bool = True, hidden_sums: bool = False, chunk_size: int | None = 128,
+class PromptEncoding(NamedTuple):
+    """A prompt run into a KV cache with room for the responses (:func:`encode_prompt`).
+
+    Attributes:
+      cache: the ``KVCache`` of ``B`` rows and ``P + R`` slots, the prompt written.
+      out: the prompt's ``ModelOutput`` (``hidden`` ``[B, P, D]``; ``layer_hidden`` when asked for).
+      last_index_B: ``[B]`` the slot of each prompt's last token.
+    """
+
+    cache: Any
+    out: Any
+    last_index_B: jax.Array
+
+    def last_hidden(self, layer: int | None = None) -> jax.Array:
+        """``[B, D]`` hidden state at the last prompt token (``layer`` as in :func:`pair_forward`)."""
+        h = self.out.hidden if layer is None else _pick_layer(self.out, layer)
+        return take_rows(h, self.last_index_B)
+
+
+def encode_prompt(model, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array, *, response_length: int,
+                  layer_hidden: bool = False) -> PromptEncoding:
+    """Stage one of the prompt-once forward: the prompts into a cache with ``response_length`` free slots.
+
+    ``layer_hidden`` also keeps every layer's hidden states (CHES at another layer).
+    """
+    B, P = prompt_ids_BP.shape
+    cache = model.init_cache(B, P + response_length)
+    # `end` as the default integer: under vmap with x64 the cache write's Python 0 index becomes int64,
+    # and the batched dynamic_update_slice needs matching index types.
+    cache = cache.replace(end=cache.end.astype(jnp.asarray(0).dtype))
+    out = model(prompt_ids_BP, prompt_mask_BP, cache=cache, return_logits=False,
+                return_layer_hidden=layer_hidden)
+    return PromptEncoding(out.cache, out, last_valid_index(prompt_mask_BP))
+
+
+def continue_responses(model, prompt: PromptEncoding, ids_NR: jax.Array, mask_NR: jax.Array, *,
+                       layer_hidden: bool = False):
+    """Stage two: ``N = k·B`` right-padded responses continuing the prompts (row ``b + j·B`` continues
+    prompt ``b``). Returns the responses' ``ModelOutput`` (``hidden`` ``[N, R, D]``, no logits)."""
+    k = ids_NR.shape[0] // prompt.cache.positions.shape[0]
+    cache = prompt.cache if k == 1 else prompt.cache.repeat(k)
+    return model(ids_NR, mask_NR, cache=cache, return_logits=False, return_layer_hidden=layer_hidden)
+
+
+def response_logprobs(model, h_prompt_last_ND: jax.Array, h_NRD: jax.Array, ids_NR: jax.Array, *,
+                      chunk_size: int | None = 128) -> tuple[jax.Array, jax.Array]:
+    """Log-probs of the response tokens under the sequence convention (DESIGN §3).
+
+    Returns ``(first_N, next_NR)``: ``first_N`` ``[N]`` = log p(token 0 | the prompt's last hidden state);
+    ``next_NR`` ``[N, R]`` = at response position ``j``, log p(token ``j + 1``) (position ``R − 1`` predicts
+    nothing: mask it, e.g. with :func:`next_token_mask`).
+    """
+    first_N = logprobs.token_logprobs_from_hidden(h_prompt_last_ND[:, None, :], ids_NR[:, :1], model.logits,
+                                                  chunk_size=None)[:, 0]
+    next_NR = logprobs.token_logprobs_from_hidden(h_NRD, logprobs.shift_targets(ids_NR), model.logits,
+                                                  chunk_size=chunk_size)
+    return first_N, next_NR
+
+
+def next_token_mask(mask_NR: jax.Array) -> jax.Array:
+    """``[N, R]`` bool: response position ``j`` predicts a token (token ``j + 1`` exists)."""
+    mask_NR = mask_NR.astype(bool)
+    return jnp.concatenate([mask_NR[:, 1:], jnp.zeros_like(mask_NR[:, :1])], axis=1)
+
+
+def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, chunk_size: int | None = 128,
                  layer: int | None = None) -> PairOutput:
     """Log-probs and/or hidden-state sums of chosen and rejected, the prompt run once.
 
     Args:
       model: a ``jaxalign.models`` causal LM (KV-cache calling convention of ``models/base.py``).
-      prompt_ids_BP, prompt_mask_BP: ``[B, P]`` prompts, any padding side.
-      chosen_ids_BR, chosen_mask_BR: ``[B, R]`` chosen responses (EOS included), right-padded.
-      rejected_ids_BR, rejected_mask_BR: ``[B, R]`` rejected responses, right-padded.
+      *batch: a :class:`PairBatch`, or its six arrays in order (``prompt_ids_BP, prompt_mask_BP,
+        chosen_ids_BR, chosen_mask_BR, rejected_ids_BR, rejected_mask_BR``).
       logps: compute the summed log-probs (needs the unembedding; skipped for CHES).
       hidden_sums: compute ``S(y)`` and the last-position hidden states (float32).
       chunk_size: sequence chunk for the log-softmax (``[B, R, V]`` is never held).
@@ -74,48 +173,43 @@ def pair_forward(model, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array,
     Returns:
       :class:`PairOutput`.
     """
-    B, P = prompt_ids_BP.shape
-    R = chosen_ids_BR.shape[1]
-    cache = model.init_cache(B, P + R)
+    pb = batch[0] if len(batch) == 1 and isinstance(batch[0], PairBatch) else PairBatch(*batch)
+    B = pb.prompt_ids_BP.shape[0]
     want_layers = hidden_sums and layer is not None
-    prompt_out = model(prompt_ids_BP, prompt_mask_BP, cache=cache, return_logits=False,
-                       return_layer_hidden=want_layers)
-    h_last_BD = _take_B(prompt_out.hidden, _last_valid_index(prompt_mask_BP))
-
-    ids_2BR = jnp.concatenate([chosen_ids_BR, rejected_ids_BR], axis=0)
-    mask_2BR = jnp.concatenate([chosen_mask_BR, rejected_mask_BR], axis=0).astype(bool)
-    resp_out = model(ids_2BR, mask_2BR, cache=prompt_out.cache.repeat(2), return_logits=False,
-                     return_layer_hidden=want_layers)
-    h_2BRD = resp_out.hidden
-    # Position j of a response predicts token j + 1: a response position iff token j + 1 exists.
-    pos_mask_2BR = jnp.concatenate([mask_2BR[:, 1:], jnp.zeros_like(mask_2BR[:, :1])], axis=1)
+    prompt = encode_prompt(model, pb.prompt_ids_BP, pb.prompt_mask_BP, response_length=pb.chosen_ids_BR.shape[1],
+                           layer_hidden=want_layers)
+    h_last_BD = prompt.last_hidden()
+    ids_2BR, mask_2BR = pb.responses_2BR()
+    mask_2BR = mask_2BR.astype(bool)
+    resp_out = continue_responses(model, prompt, ids_2BR, mask_2BR, layer_hidden=want_layers)
+    pos_mask_2BR = next_token_mask(mask_2BR)
     lengths_2B = jnp.sum(mask_2BR, axis=1).astype(jnp.int32)
 
     out = dict(chosen_logps=None, rejected_logps=None, chosen_lengths=lengths_2B[:B],
                rejected_lengths=lengths_2B[B:], prompt_last_hidden=h_last_BD)
     if logps:
-        h_first_2B1D = jnp.concatenate([h_last_BD, h_last_BD], axis=0)[:, None, :]
-        first_2B = logprobs.token_logprobs_from_hidden(
-            h_first_2B1D, ids_2BR[:, :1], model.logits, chunk_size=None)[:, 0]
-        rest_2BR = logprobs.token_logprobs_from_hidden(
-            h_2BRD, logprobs.shift_targets(ids_2BR), model.logits, chunk_size=chunk_size)
-        total_2B = first_2B + jnp.sum(jnp.where(pos_mask_2BR, rest_2BR, 0.0), axis=1)
+        first_2B, next_2BR = response_logprobs(model, jnp.concatenate([h_last_BD, h_last_BD], axis=0),
+                                               resp_out.hidden, ids_2BR, chunk_size=chunk_size)
+        total_2B = first_2B + jnp.sum(jnp.where(pos_mask_2BR, next_2BR, 0.0), axis=1)
         out.update(chosen_logps=total_2B[:B], rejected_logps=total_2B[B:])
     if hidden_sums:
+        h_2BRD = _pick_layer(resp_out, layer) if want_layers else resp_out.hidden
         if want_layers:
-            h_2BRD = _pick_layer(resp_out, layer)
-            h_last_BD = _take_B(_pick_layer(prompt_out, layer), _last_valid_index(prompt_mask_BP))
-        h32 = h_2BRD.astype(jnp.float32)
-        h_last32 = h_last_BD.astype(jnp.float32)
-        sums_2BD = jnp.concatenate([h_last32, h_last32], 0) + jnp.einsum("BR,BRD->BD",
-                                                                         pos_mask_2BR.astype(h32.dtype), h32)
-        # The last summed position: the last prompt token when the response is EOS alone.
-        last_idx = lengths_2B - 2
-        last_2BD = jnp.where((last_idx >= 0)[:, None], _take_B(h32, jnp.maximum(last_idx, 0)),
-                             jnp.concatenate([h_last32, h_last32], 0))
-        out.update(chosen_hidden_sum=sums_2BD[:B], rejected_hidden_sum=sums_2BD[B:],
-                   chosen_last_hidden=last_2BD[:B], rejected_last_hidden=last_2BD[B:])
+            h_last_BD = prompt.last_hidden(layer)
+        out.update(_hidden_sums(h_2BRD, jnp.concatenate([h_last_BD, h_last_BD], 0), pos_mask_2BR, lengths_2B, B))
     return PairOutput(**out)
+
+
+def _hidden_sums(h_2BRD, h_last_2BD, pos_mask_2BR, lengths_2B, B: int) -> dict[str, jax.Array]:
+    """``S(y)`` and the last summed position's hidden state of both responses, float32."""
+    h32 = h_2BRD.astype(jnp.float32)
+    h_last32 = h_last_2BD.astype(jnp.float32)
+    sums_2BD = h_last32 + jnp.einsum("BR,BRD->BD", pos_mask_2BR.astype(h32.dtype), h32)
+    # The last summed position: the last prompt token when the response is EOS alone.
+    last_idx = lengths_2B - 2
+    last_2BD = jnp.where((last_idx >= 0)[:, None], take_rows(h32, jnp.maximum(last_idx, 0)), h_last32)
+    return dict(chosen_hidden_sum=sums_2BD[:B], rejected_hidden_sum=sums_2BD[B:],
+                chosen_last_hidden=last_2BD[:B], rejected_last_hidden=last_2BD[B:])
 
 
 def _pick_layer(out, layer: int) -> jax.Array:
@@ -147,5 +241,5 @@ def sequence_forward(model, input_ids_NT: jax.Array, attention_mask_NT: jax.Arra
     if hidden_sums:
         h32 = (_pick_layer(out, layer) if want_layers else out.hidden).astype(jnp.float32)
         result["hidden_sum"] = jnp.einsum("NT,NTD->ND", mask_NT.astype(h32.dtype), h32)
-        result["last_hidden"] = _take_B(h32, _last_valid_index(mask_NT))
+        result["last_hidden"] = take_rows(h32, last_valid_index(mask_NT))
     return result

@@ -31,6 +31,7 @@ RULES: Mapping[str, Any] = {
     "qkv": None,
     "norm": None,
     "positions": None,
+    "lora_rank": None,  # LoRA's A [in…, r] and B [r, out…] shard their other axes like the kernel
 }
 
 

@@ -2,7 +2,7 @@
 
 Every function is pure: arrays in, a :class:`matplotlib.figure.Figure` out, with labelled axes (units in
 the label, log-probs in nats), a legend where there is more than one series, and a title. Save with
-:func:`jaxalign.report.save_figure`. ``jaxalign plot`` (:mod:`jaxalign.analysis.probe_run`) and
+:func:`jaxalign.report.save_figure`. ``jaxalign plot`` (:mod:`jaxalign.jobs.plot`) and
 ``jaxalign demo`` build their reports from these.
 
 Letters: ``S`` checkpoints (steps), ``N`` probe pairs.
@@ -120,23 +120,22 @@ def fraction_fallen(steps, chosen, *, title: str = "") -> Figure:
     return fig
 
 
-def score_vs_change(score, change, *, score_name: str, change_name: str = "Δ log π(y+|x) (nats)",
-                    title: str = "") -> Figure:
+def score_vs_change(score, change, *, rho: float | None, score_name: str,
+                    change_name: str = "Δ log π(y+|x) (nats)", title: str = "") -> Figure:
     """Scatter of a per-pair score (e.g. CHES at step 0) against a realised change, with Spearman ρ.
 
     Args:
       score: ``[N]`` score of each pair (x axis).
       change: ``[N]`` realised change of each pair (y axis), e.g. log π(y+|x) at the last checkpoint minus
         at the first.
+      rho: Spearman's ρ of ``score`` and ``change`` (:func:`jaxalign.analysis.stats.spearman`; ``None``
+        when undefined), computed by the caller: this module draws and does no statistics.
       score_name: x-axis label (with units where there are any).
       change_name: y-axis label.
     """
-    from jaxalign.analysis.ches_run import spearman
-
     x, y = np.asarray(score, np.float64).ravel(), np.asarray(change, np.float64).ravel()
     if x.shape != y.shape:
         raise ValueError(f"score and change must have the same length; got {x.shape} and {y.shape}")
-    rho = spearman(x, y)
     rho_txt = "n/a" if rho is None else f"{rho:+.3f}"
     fig = _figure(5.6, 4.4)
     ax = fig.add_subplot()

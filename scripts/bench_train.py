@@ -114,7 +114,7 @@ def run_jax(args, online: bool) -> dict:
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     ocfg = config.OptimConfig(name="adamw", lr=1e-6)
     opt, sched = optim.make_optimizer(ocfg, 100), optim.make_schedule(ocfg, 100)
-    spec = step_lib.LossSpec(names=("sigmoid",), weights=None, beta=0.1)
+    spec = step_lib.Objective(names=("sigmoid",), weights=None, beta=0.1)
     ref = jax.tree.map(jnp.copy, params) if online else None
     state = step_lib.init_state(opt, params, None, None)
     fn = step_lib.jit_train_step(parts=parts, spec=spec, optimizer=opt, schedule=sched, state_shardings=None,

@@ -12,7 +12,7 @@ Subcommands (each run as its own process by the shell script, each under its own
 ``jax --model M``     jaxalign's ``forward`` (logits of a ``[B, T]`` batch), ``train`` (one DPO step:
                       :func:`jaxalign.train.step.train_step`, cached reference log-probs, the prompt run
                       once, AdamW), ``ches`` (:func:`jaxalign.analysis.ches.make_scorer`) and ``entangle``
-                      (:func:`jaxalign.analysis.entanglement.make_probe`, ``method="gram"``).
+                      (:func:`jaxalign.analysis.entanglement.make_pair_grads`, ``method="gram"``).
 ``torch --model M``   the PyTorch counterparts on the same shapes: the ``transformers`` forward; a plain
                       DPO step (chosen and rejected rows ``[2B, T]``, float32 log-softmax of the logits,
                       cached reference log-probs, fused AdamW); CHES from ``transformers``' last hidden
@@ -391,7 +391,7 @@ def jax_tasks(args) -> dict:
         parts, params = step_lib.ModelParts.split(model)
         params = jax.tree.map(jnp.copy, params)  # the step donates its state; the model stays usable
         optimizer = optax.adamw(1e-5)
-        spec = step_lib.LossSpec(names=("sigmoid",), weights=None, beta=0.1)
+        spec = step_lib.Objective(names=("sigmoid",), weights=None, beta=0.1)
         state = step_lib.init_state(optimizer, params, None, None)
         step = step_lib.jit_train_step(parts=parts, spec=spec, optimizer=optimizer,
                                        schedule=optax.constant_schedule(1e-5), state_shardings=None,
@@ -433,7 +433,7 @@ def jax_tasks(args) -> dict:
         model = model_for(shape, impl)
         B, P, R = shape.entangle_bpr
         batch = pair_batch(shape.vocab, B, P, R)
-        probe = entanglement.make_probe(model, method="gram", chunk_size=B)
+        probe = entanglement.make_pair_grads(model, method="gram", chunk_size=B)
         first, t = timed(lambda: probe(batch), args.iters)
         g = probe(batch)
         assert np.isfinite(g.grad_inner).all(), "non-finite inner products"

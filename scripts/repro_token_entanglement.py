@@ -134,6 +134,7 @@ def main(argv=None) -> int:
 
     from jaxalign import report as rep_lib
     from jaxalign.analysis import entanglement_tokens as et
+    from jaxalign.jobs.entangle import save_heatmap
     from jaxalign.data import load_pairs
     from jaxalign.models import load_pretrained
 
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
                                chunk=args.heatmap_chunk)
             labels_c = [tok.decode([int(t)]) for t in tokens.chosen[i]]
             labels_r = [tok.decode([int(t)]) for t in tokens.rejected[i]]
-            et.save_heatmap(tg, out / f"heatmap_{name}", chosen_labels=labels_c, rejected_labels=labels_r,
+            save_heatmap(tg, out / f"heatmap_{name}", chosen_labels=labels_c, rejected_labels=labels_r,
                             title=f"{name}: token gradient cosine (pair 0)")
             c, r = np.asarray(tokens.chosen[i]), np.asarray(tokens.rejected[i])
             hm = heatmap_stats(tg.cosine, c, r)

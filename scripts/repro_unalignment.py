@@ -14,7 +14,7 @@
    the paper broke ties with PairRM, not available offline).
 5. DPO (one epoch, torch RMSprop lr 5e-6, β = 0.1, batch ``--batch-size``) from the initial model:
    ``dpo`` on all pairs, ``filtered`` without the top ``--drop-top`` (5%) LN-CHES pairs
-   (``jaxalign.analysis.ches_run.run_ches`` + ``filtering.select``), ``dpo_sft`` with the SFT term
+   (``jaxalign.jobs.ches.run_ches`` + ``filtering.select``), ``dpo_sft`` with the SFT term
    (``loss.sft_coeff``, summed chosen log-prob, as the paper).
 6. Refusal rate (the judge over one sample per prompt at temperature 0.7) before and after, on the
    training and held-out prompts, and mean Δ log π(y+) on the training pairs (the paper's Table 16).
@@ -155,7 +155,8 @@ def main(argv=None) -> int:
 
     from jaxalign import report as rep_lib
     from jaxalign import store
-    from jaxalign.analysis import ches_run, filtering
+    from jaxalign.analysis import filtering
+    from jaxalign.jobs import ches as ches_job
     from jaxalign.data import bucket_length, load_pairs
     from jaxalign.models import load_pretrained
     from jaxalign.train.loop import subset as take
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
               f"({time.time() - t0:.0f}s)", flush=True)
 
         # LN-CHES of the pairs and the filtered set.
-        ches_run.run_ches(folder, str(pairs_path), str(out / f"ches_seed{seed}"), batch_size=8, overwrite=True,
+        ches_job.run_ches(folder, str(pairs_path), str(out / f"ches_seed{seed}"), batch_size=8, overwrite=True,
                           progress=False, model_and_tokenizer=(model, tok), real=False)
         tab = store.read_table(out / f"ches_seed{seed}" / "scores.parquet").to_pydict()
         ln = np.asarray(tab["ln_ches"], np.float64)[np.argsort(tab["index"])]

@@ -1,7 +1,7 @@
 """Float64 NumPy transcriptions of the published loss formulas, the independent reference for test_losses.
 
 Written from the papers (and, where TRL defines the variant, from TRL's documented formula), not from
-jaxalign/losses.py: quantities are spelled out the way the papers write them (probabilities, odds,
+jaxalign/losses/: quantities are spelled out the way the papers write them (probabilities, odds,
 u = π/π_ref) rather than in the numerically stable forms the implementation uses. Inputs are float64
 arrays of shape [B]: ``cw, cl`` (policy summed log-probs of chosen / rejected), ``rw, rl`` (reference),
 ``nw, nl`` (lengths). Each function returns the per-example loss, [B].

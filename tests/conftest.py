@@ -14,6 +14,11 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sys  # noqa: E402
+
+# the tests' helper modules (hf_tiny, numerics, …) import by name from any test module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import pytest  # noqa: E402
 
 

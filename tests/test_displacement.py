@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from jaxalign.analysis import displacement  # noqa: E402
+from jaxalign.jobs import displacement as displacement_job  # noqa: E402
 
 
 def test_theory_quantities_equal_float64_numpy():
@@ -102,7 +103,7 @@ def test_compare_equals_transformers(checkpoints):
     after, _ = load_pretrained(root / "after")
     with pytest.warns(data.DataWarning, match="prompt tokens changed"):
         ds = data.load_pairs(str(root / "pairs.jsonl"), tok, cache=False)
-    pair, token = displacement.compare(before, after, ds, top_k=3, batch_size=2, tokenizer=tok,
+    pair, token = displacement_job.compare(before, after, ds, top_k=3, batch_size=2, tokenizer=tok,
                                        progress=False)
     ref_b, ref_a = _torch_stats(hf["before"], tok, rows), _torch_stats(hf["after"], tok, rows)
     assert pair["index"].tolist() == [0, 1, 2]
@@ -138,7 +139,7 @@ def test_same_checkpoint_twice_changes_nothing(checkpoints):
     model, tok = load_pretrained(root / "before")
     with pytest.warns(data.DataWarning):
         ds = data.load_pairs(str(root / "pairs.jsonl"), tok, cache=False)
-    pair, token = displacement.compare(model, model, ds, top_k=2, batch_size=4, progress=False)
+    pair, token = displacement_job.compare(model, model, ds, top_k=2, batch_size=4, progress=False)
     np.testing.assert_allclose(pair["delta_logp_chosen"], 0.0, atol=1e-6)
     np.testing.assert_allclose(token["prob_increase"], 0.0, atol=1e-7)
 

@@ -143,7 +143,7 @@ def _results_for(name, tmp_path_factory):
                 g, flat, s = _brute(model, ex)
             got = {}
             for method in methods:
-                probe = ent.make_probe(model, method=method, per_layer=method != "jvp",
+                probe = ent.make_pair_grads(model, method=method, per_layer=method != "jvp",
                                        chunk_size=3 if method == "exact" else None, compiler_options=FAST)
                 got[method] = probe(batch)
             # float32 results are compared with the float64 brute force (the closer reference).
@@ -286,7 +286,7 @@ def test_parameter_subset_equals_brute_force_restricted(llama):
     results = llama
     r = results["float64"]
     model = results["float32"]["model"]
-    probe = ent.make_probe(model, method="gram", params=[r"attn\.[qkv]_proj", "embed"], last_blocks=1,
+    probe = ent.make_pair_grads(model, method="gram", params=[r"attn\.[qkv]_proj", "embed"], last_blocks=1,
                            compiler_options=FAST)
     names = probe.split.selected_names
     assert names and all(n.startswith("layers.1.attn.") and n.split(".")[3] in ("q_proj", "k_proj", "v_proj")
@@ -380,7 +380,7 @@ def test_eight_devices_equal_one(gpt2):
     results = gpt2
     mesh = parallel.make_mesh()
     r = results["float32"]
-    probe = ent.make_probe(r["model"], method="gram", per_layer=True, mesh=mesh, compiler_options=FAST)
+    probe = ent.make_pair_grads(r["model"], method="gram", per_layer=True, mesh=mesh, compiler_options=FAST)
     got = probe(results["batch"])
     want = r["got"]["gram"]
     scale = np.sqrt(want.grad_chosen_sqnorm * want.grad_rejected_sqnorm)
@@ -445,7 +445,9 @@ def test_token_gram_equals_per_token_brute_force(gpt2, tmp_path):
     # the shared suffix's identical tokens are far more aligned than the differing first tokens (the
     # paper's heat-map pattern; this tiny model is random, so only the ordering is asserted)
     assert np.diag(tg.cosine[2:, 2:]).min() > 0.5 > np.abs(tg.cosine[:2, :2]).max()
-    npy, png = tok_lib.save_heatmap(tg, tmp_path / "heat", title="pair 1")
+    from jaxalign.jobs.entangle import save_heatmap
+
+    npy, png = save_heatmap(tg, tmp_path / "heat", title="pair 1")
     np.testing.assert_array_equal(np.load(npy), tg.cosine)
     assert png.stat().st_size > 1000
 
@@ -499,7 +501,7 @@ def cli_model(tmp_path_factory):
 
 def test_entangle_job_writes_resumes_and_is_consistent(cli_model, tmp_path):
     from jaxalign import store
-    from jaxalign.analysis import entanglement_run
+    from jaxalign.jobs import entangle as entanglement_run
 
     model_path, data = cli_model
     out = tmp_path / "run"
@@ -526,8 +528,8 @@ def test_entangle_job_writes_resumes_and_is_consistent(cli_model, tmp_path):
     w_c, w_r = table["weight_chosen"], table["weight_rejected"]
     np.testing.assert_allclose(table["pred_dlogp_chosen"],
                                w_c * table["grad_chosen_sqnorm"] - w_r * table["grad_inner"], rtol=1e-9)
-    layers = {a: entanglement_run.read_zarr(out / "layers.zarr" / a) for a in entanglement_run.LAYER_ARRAYS}
-    index = entanglement_run.read_zarr(out / "layers.zarr" / "index")
+    layers = {a: store.read_zarr(out / "layers.zarr" / a) for a in entanglement_run.LAYER_ARRAYS}
+    index = store.read_zarr(out / "layers.zarr" / "index")
     order = np.argsort(index)
     scale = np.sqrt(table["grad_chosen_sqnorm"] * table["grad_rejected_sqnorm"]).to_numpy()
     _rel_close(layers["grad_inner"].sum(1)[order], table["grad_inner"].to_numpy(), scale, 1e-6, "layers sum")
@@ -537,30 +539,59 @@ def test_entangle_job_writes_resumes_and_is_consistent(cli_model, tmp_path):
     for f in ("summary.json", "scatter.png", "heatmap_0.npy", "heatmap_0.png", "skipped.jsonl"):
         assert (out / f).is_file(), f
     assert not (out / "pairs.parquet.parts").exists()
+    # The same settings uninterrupted: the same batches through the same programs, so bit-identical.
+    again = tmp_path / "again"
+    entanglement_run.run_entangle(model_path, data, str(again), heatmaps=[0], **kw)
+    assert store.read_table(again / "pairs.parquet").equals(store.read_table(out / "pairs.parquet"))
+    for a in entanglement_run.LAYER_ARRAYS + ("index",):
+        np.testing.assert_array_equal(store.read_zarr(again / "layers.zarr" / a),
+                                      store.read_zarr(out / "layers.zarr" / a), err_msg=a)
+    np.testing.assert_array_equal(np.load(again / "heatmap_0.npy"), np.load(out / "heatmap_0.npy"))
+
+
+def test_ref_model_equal_to_the_policy_gives_the_default_weights(cli_model, tmp_path):
+    """``--ref`` names a model whose log-probs are computed with the same forward pass: the model itself
+    as ``--ref`` must give Δ = 0, the weights of the default (reference = the model)."""
+    from jaxalign import store
+    from jaxalign.jobs import entangle as entangle_job
+
+    model_path, data = cli_model
+    kw = dict(loss="sigmoid", beta=0.5, batch_size=4, limit=5, on_bad_record="skip", progress=False,
+              compiler_options=FAST, method="gram")
+    entangle_job.run_entangle(model_path, data, str(tmp_path / "self"), **kw)
+    entangle_job.run_entangle(model_path, data, str(tmp_path / "ref"), ref=model_path, **kw)
+    a, b = (store.read_table(tmp_path / d / "pairs.parquet") for d in ("self", "ref"))
+    # DPO's weight is beta * sigmoid(-beta * h) = beta / 2 at h = Δ_w - Δ_l = 0. The reference log-probs
+    # come from another compiled program (pair_forward) than the policy's (the probe), so h is float32
+    # rounding of log-probs of ~30 nats, |h| < 1e-4, and the weight moves by beta^2/4 * |h| < 1e-5.
+    np.testing.assert_allclose(a.column("weight_chosen").to_numpy(), 0.25, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(b.column("weight_chosen").to_numpy(), 0.25, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(b.column("weight_rejected").to_numpy(), 0.25, rtol=0, atol=1e-5)
 
 
 def test_zarr_rows_written_by_batch_and_resumed(tmp_path):
     """The zarr groups of the job: rows of non-contiguous batches land at their rows; a resumed run keeps
     what was written."""
-    from jaxalign.analysis import entanglement_run
+    from jaxalign import store
+    from jaxalign.jobs import entangle as entanglement_run
 
     index = np.array([10, 11, 13, 14, 20])
-    arrays = entanglement_run._Arrays(tmp_path / "s.zarr", {"diff": ((5, 3), "float32")}, {"k": 3}, index,
-                                      resuming=False)
-    arrays.write(np.array([4, 0, 2]), {"diff": np.array([[4.0] * 3, [0.0] * 3, [2.0] * 3])})
-    again = entanglement_run._Arrays(tmp_path / "s.zarr", {"diff": ((5, 3), "float32")}, {"k": 3}, index,
-                                     resuming=True)
-    again.write(np.array([1, 3]), {"diff": np.array([[1.0] * 3, [3.0] * 3])})
-    got = entanglement_run.read_zarr(tmp_path / "s.zarr" / "diff")
+    arrays = entanglement_run.rows_group(tmp_path / "s.zarr", {"diff": ((5, 3), "float32")}, {"k": 3}, index,
+                                         resuming=False)
+    arrays.write_rows("diff", np.array([4, 0, 2]), np.array([[4.0] * 3, [0.0] * 3, [2.0] * 3]))
+    again = entanglement_run.rows_group(tmp_path / "s.zarr", {"diff": ((5, 3), "float32")}, {"k": 3}, index,
+                                        resuming=True)
+    again.write_rows("diff", np.array([1, 3]), np.array([[1.0] * 3, [3.0] * 3]))
+    got = store.read_zarr(tmp_path / "s.zarr" / "diff")
     np.testing.assert_array_equal(got[:, 0], [0, 1, 2, 3, 4])
-    np.testing.assert_array_equal(entanglement_run.read_zarr(tmp_path / "s.zarr" / "index"), index)
+    np.testing.assert_array_equal(store.read_zarr(tmp_path / "s.zarr" / "index"), index)
     meta = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
     assert meta["node_type"] == "group" and meta["attributes"] == {"k": 3}
 
 
 def test_cli_wiring_and_errors(cli_model, tmp_path, monkeypatch, capsys):
     from jaxalign import cli
-    from jaxalign.analysis import entanglement_run
+    from jaxalign.jobs import entangle as entanglement_run
 
     seen = {}
 

@@ -26,7 +26,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxalign import cli, losses
-from jaxalign.errors import JaxAlignError, LossError
+from jaxalign.errors import ConfigError, JaxAlignError, LossError
 
 _spec = importlib.util.spec_from_file_location(
     "_reference_losses", pathlib.Path(__file__).with_name("_reference_losses.py"))
@@ -613,3 +613,131 @@ def test_cli_losses_rejects_an_impossible_example(capsys):
     assert "margin 100" in capsys.readouterr().err
     assert cli.main(["losses", "--table", "--beta", "-1"]) == 2
     assert "'beta'" in capsys.readouterr().err
+
+
+# --- typed loss options (losses.check_options) ------------------------------------------------------
+
+# The allowed values of every registered option, written out from the papers/TRL (not read from the
+# registry): per option name, with the per-loss narrowings. (bad in-type values, good values).
+_UNRANGED = ((), (-2.0, 0.0, 3))
+_NONNEG_VALUES = ((-0.1, -5), (0.0, 2.5))
+OPTION_VALUES = {
+    "label_smoothing": ((-0.1, 1.5), (0.0, 0.3, 1.0)),
+    "f_divergence_type": (("kl", "Reverse_KL", ""),
+                          ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")),
+    "f_alpha_divergence_coef": _UNRANGED,
+    "bco_delta": _UNRANGED,
+    "simpo_gamma": _UNRANGED,
+    "alpha": _UNRANGED,
+    "discopop_tau": ((0.0, -1.0), (0.01, 2)),
+    "cpo_alpha": _NONNEG_VALUES, "rdpo_alpha": _NONNEG_VALUES, "dpop_lambda": _NONNEG_VALUES,
+    "slic_delta": _NONNEG_VALUES, "slic_lambda": _NONNEG_VALUES, "sft_coeff": _NONNEG_VALUES,
+}
+PER_LOSS_VALUES = {
+    ("exo_pair", "label_smoothing"): ((0.0, 1.0, -0.1), (1e-3, 0.5, 0.999)),  # EXO: ε in (0, 1)
+    ("robust", "label_smoothing"): ((0.5, 0.7, -0.1), (0.0, 0.49)),  # rDPO divides by 1 − 2ε
+}
+OPTION_PAIRS = [(name, option) for name in ALL_NAMES for option in losses.REGISTRY[name].options]
+NOT_NUMBERS = ("abc", "", True, None, [0.1], {"v": 1}, float("nan"), float("inf"), "-inf")
+
+
+def _values(name, option):
+    return PER_LOSS_VALUES.get((name, option), OPTION_VALUES[option])
+
+
+def _config_error(match, loss, options, **kwargs):
+    with pytest.raises(ConfigError, match=match) as info:
+        losses.check_options(loss, options, **kwargs)
+    assert isinstance(info.value, LossError)  # losses.compute raises the same error
+    return str(info.value)
+
+
+def test_every_registered_option_has_its_values_written_out():
+    assert {o for _, o in OPTION_PAIRS} == set(OPTION_VALUES)
+    assert set(PER_LOSS_VALUES) <= set(OPTION_PAIRS)
+
+
+@pytest.mark.parametrize("name,option", OPTION_PAIRS, ids=[f"{n}-{o}" for n, o in OPTION_PAIRS])
+def test_option_of_the_wrong_type_is_refused_naming_loss_and_option(name, option):
+    is_name = isinstance(losses.REGISTRY[name].options[option], str)
+    for value in ((0.5, 1, None, ["reverse_kl"]) if is_name else NOT_NUMBERS):
+        msg = _config_error(f"loss '{name}': option '{option}' must be", name, {option: value})
+        assert ("one of reverse_kl" if is_name else "a finite number") in msg, msg
+        assert repr(value) in msg
+        with pytest.raises(ConfigError, match=f"'{option}'"):  # compute applies the same check
+            losses.compute(name, **_pair(0.5), **{option: value})
+
+
+@pytest.mark.parametrize("name,option", OPTION_PAIRS, ids=[f"{n}-{o}" for n, o in OPTION_PAIRS])
+def test_option_out_of_range_is_refused_and_in_range_is_typed(name, option):
+    bad, good = _values(name, option)
+    for value in bad:
+        _config_error(f"loss '{name}': option '{option}' must be", name, {option: value})
+    for value in good:
+        typed = losses.check_options(name, {option: value})
+        assert typed == {option: value} and type(typed[option]) is (str if isinstance(value, str) else float)
+        if not isinstance(value, str):  # numeric text from a command line becomes the same number
+            assert losses.check_options(name, {option: str(value)}) == {option: float(value)}
+
+
+def test_numeric_text_gives_the_same_loss_as_the_number(x64):
+    d = make_batch(seed=3)
+    got = losses.compute("simpo", beta=0.5, simpo_gamma="1.2", label_smoothing="0.1", **jnp_kwargs(d))
+    np.testing.assert_allclose(np.asarray(got), ref.reference("simpo", d, 0.5, simpo_gamma=1.2,
+                                                              label_smoothing=0.1), rtol=1e-10)
+
+
+def test_check_options_names_unknown_losses_and_options():
+    msg = _config_error("--loss: unknown loss 'simpoo'", "simpoo", {}, key="--loss")
+    assert "simpo" in msg
+    _config_error(r"loss.name\[1\]: unknown loss 'nope'", ["sigmoid", "nope"], {}, key="loss.name")
+    _config_error("loss 'sigmoid': unknown option 'simpo_gamma'", "sigmoid", {"simpo_gamma": 0.5})
+    _config_error("'f_divergence_type'='js_divergence' is not supported", ["sigmoid", "dpop"],
+                  {"f_divergence_type": "js_divergence"})
+    # a mixture: each option is checked by the losses that declare it
+    assert losses.check_options(["sigmoid", "sft"], {"label_smoothing": 0}) == {"label_smoothing": 0.0}
+    _config_error("loss 'robust': option 'label_smoothing' must be in", ["sigmoid", "robust"],
+                  {"label_smoothing": 0.7})
+
+
+def test_cli_entangle_bad_loss_option_exits_2_before_loading_the_model(tmp_path, capsys):
+    # The model path does not exist: a message about the option proves it is checked first.
+    argv = ["entangle", "--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "no.jsonl"),
+            "--out", str(tmp_path / "out"), "--loss", "simpo", "--loss-option", "simpo_gamma=abc"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "loss 'simpo': option 'simpo_gamma' must be a finite number, got 'abc'" in err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(argv[:-1] + ["simpo_gamma=0.3", "--loss-option", "label_smoothing=2"]) == 2
+    assert "option 'label_smoothing' must be in [0, 1], got 2" in capsys.readouterr().err
+
+
+def test_cli_probe_bad_loss_option_exits_2_before_loading(tmp_path, capsys):
+    argv = ["probe", "--checkpoints", str(tmp_path / "no_ckpt"), "--data", str(tmp_path / "no.jsonl"),
+            "--out", str(tmp_path / "out"), "--loss", "dpop", "--loss-option", "dpop_lambda=-1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "option 'dpop_lambda' must be >= 0" in err
+
+
+def test_cli_train_override_bad_loss_option_exits_2_before_loading(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{path: {tmp_path / 'no_model'}}}\ndata: {{train: {tmp_path / 'no.jsonl'}}}\n"
+                    f"output_dir: {tmp_path / 'run'}\nloss: {{name: simpo}}\n")
+    assert cli.main(["train", str(path), "loss.options={simpo_gamma: abc}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "loss 'simpo': option 'simpo_gamma' must be a finite number, got 'abc'" in err
+    assert not (tmp_path / "run").exists()
+    assert cli.main(["train", str(path), "loss.name=[sigmoid, {name: sft}]",
+                     "loss.options={label_smoothing: '1.5'}"]) == 2
+    assert "loss 'sigmoid': option 'label_smoothing' must be in [0, 1], got '1.5'" in capsys.readouterr().err
+
+
+def test_online_config_checks_loss_options():
+    from jaxalign.online import config as online_config
+
+    with pytest.raises(ConfigError, match="option 'cpo_alpha' must be >= 0"):
+        online_config.from_dict({"model": {"path": "m"}, "prompts": {"source": "synthetic:x"},
+                                 "loss": {"name": "cpo", "options": {"cpo_alpha": -1}}})

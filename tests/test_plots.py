@@ -64,7 +64,9 @@ def test_score_vs_change_spearman_equals_scipy(tmp_path):
     x = RNG.normal(size=30)
     y = -x + RNG.normal(scale=0.8, size=30)
     y[3] = np.nan  # left out, as SciPy's nan_policy="omit"
-    fig = plots.score_vs_change(x, y, score_name="CHES at step 0")
+    from jaxalign.analysis.stats import spearman
+
+    fig = plots.score_vs_change(x, y, rho=spearman(x, y), score_name="CHES at step 0")
     rho = spearmanr(x, y, nan_policy="omit").statistic
     assert f"{rho:+.3f}" in fig.axes[0].get_title()
     assert "29 pairs" in fig.axes[0].get_legend().get_texts()[0].get_text()
@@ -75,7 +77,7 @@ def test_shape_errors():
     with pytest.raises(ValueError, match=r"\[S, N\]"):
         plots.logp_trajectories([0, 1], np.zeros((3, 2)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="same length"):
-        plots.score_vs_change([1, 2], [1, 2, 3], score_name="x")
+        plots.score_vs_change([1, 2], [1, 2, 3], rho=None, score_name="x")
     with pytest.raises(ValueError, match="one per step"):
         plots.case_fractions([0, 1], {"ideal": [1.0]})
     with pytest.raises(ValueError, match="one entry per name"):

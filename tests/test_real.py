@@ -18,6 +18,7 @@ from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 from jaxalign import cli  # noqa: E402
 from jaxalign.analysis import real  # noqa: E402
+from jaxalign.jobs import select as select_job  # noqa: E402
 from jaxalign.data.read import read_list  # noqa: E402
 from jaxalign.errors import ConfigError, DataError  # noqa: E402
 
@@ -152,10 +153,10 @@ def test_write_records_round_trip(tmp_path, suffix):
     from jaxalign.data.read import read_source
 
     rows = [{"prompt": "x\n", "chosen": "é", "rejected": "b"}, {"prompt": "y", "chosen": "c", "rejected": "d"}]
-    path = real.write_records(tmp_path / f"out{suffix}", rows)
+    path = select_job.write_records(tmp_path / f"out{suffix}", rows)
     assert [r.value for r in read_source(str(path)).records] == rows
     with pytest.raises(ConfigError, match="unknown file type"):
-        real.write_records(tmp_path / "out.txt", rows)
+        select_job.write_records(tmp_path / "out.txt", rows)
 
 
 # --- the embedding against transformers -------------------------------------------------------------------
@@ -204,7 +205,8 @@ def test_embedding_equals_transformers_masked_mean(tiny):
 def test_embedding_truncates_and_sees_no_prompt(tiny):
     _, model, tok = tiny
     e = real.embed_texts(model, tok, ["hello world", "hello"], max_length=2)
-    np.testing.assert_allclose(e[0], e[1], atol=1e-6)  # "<s> hello" both
+    # "<s> hello" both, through programs of two padded widths: unit vectors good to ~100 ulps of 1
+    np.testing.assert_allclose(e[0], e[1], atol=1e-5)
     # The pair's prompt is ignored: the same responses give the same cosine under any prompt.
     from jaxalign.data import Pair
     c = real.real_cosines(model, tok, [Pair(0, "p1", "yes", "no"), Pair(1, "other prompt", "yes", "no")])
@@ -234,7 +236,7 @@ def test_cli_select_pairs_writes_input_records(tiny, tmp_path, capsys):
     import pyarrow.parquet as pq
     t = pq.read_table(tmp_path / "easy.parquet").to_pydict()
     assert t["index"] == list(range(6)) and sum(t["selected"]) == 3
-    np.testing.assert_allclose(t["real_cosine"], cos, atol=1e-6)
+    np.testing.assert_allclose(t["real_cosine"], cos, atol=1e-5)  # cosines from another batch plan
     assert "written to" in capsys.readouterr().out
     # Errors are for people: exit 2 and a message.
     rc = cli.main(["select", "--model", str(folder), "--data", str(data), "--subset", "centroid",

@@ -141,3 +141,93 @@ def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path):
     plain.write_bytes(b"x")
     atomic = store.write_bytes(tmp_path / "atomic.bin", b"x")
     assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+# --- digests ----------------------------------------------------------------------------------------
+
+def test_digest_is_sha256_of_names_then_bytes():
+    import hashlib
+
+    a, b = np.arange(4, dtype=np.int64), np.array([1.5, -2.0])
+    want = hashlib.sha256(b"a" + a.tobytes() + b"b" + b.tobytes()).hexdigest()  # names sorted
+    assert store.digest({"b": b, "a": a}) == want
+    assert store.digest({"a": a}) != store.digest({"a": a.astype(np.int32)})  # dtype is in the bytes
+
+
+def test_model_digest_follows_content_not_stamps(tmp_path):
+    import hashlib
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"n": 1}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "tokenizer.json").write_text("{}")  # not part of the identity (tokens have their own digest)
+    want = hashlib.sha256(b"config.json" + b'{"n": 1}' + b"model.safetensors" + b"weights").hexdigest()
+    assert store.model_digest(model) == want
+    os.utime(model / "model.safetensors", (1, 1))  # a new time stamp: same model
+    (model / "tokenizer.json").write_text('{"x": 2}')
+    assert store.model_digest(model) == want
+    (model / "model.safetensors").write_bytes(b"weightz")  # same size, other content: another model
+    assert store.model_digest(model) != want
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF...")
+    assert store.model_digest(gguf) == hashlib.sha256(b"m.gguf" + b"GGUF...").hexdigest()
+
+
+def test_reference_cache_uses_the_one_digest(tmp_path):
+    from jaxalign.data.tokenize import Ragged, TokenizedPairs
+    from jaxalign.train import ref_cache
+
+    r = Ragged.from_rows([[1, 2], [3]])
+    tokens = TokenizedPairs(np.array([0, 1]), r, r, r)
+    assert ref_cache.tokens_fingerprint(tokens) == store.digest(tokens.to_arrays())
+    (tmp_path / "config.json").write_text("{}")
+    assert ref_cache.weights_fingerprint(tmp_path) == store.model_digest(tmp_path)
+
+
+# --- zarr rows --------------------------------------------------------------------------------------
+
+def test_zarr_group_rows_resize_and_reopen(tmp_path):
+    import json
+
+    g = store.ZarrGroup(tmp_path / "g.zarr", attributes={"k": 1})
+    g.create("x", [0, 3], "float32", chunks=[2, 3], dims=["row", "col"], fill_value=float("nan"))
+    g.create("step", [0], "int64", chunks=[4])
+    for k in range(3):
+        g.resize(k + 1)
+        g.write_row("x", k, np.full(3, k, np.float32))
+        g.write_row("step", k, 10 * k)
+    g.write_rows("x", np.array([2, 0]), np.array([[7.0] * 3, [5.0] * 3]))  # any order, runs of rows
+    meta = json.loads((tmp_path / "g.zarr" / "x" / "zarr.json").read_text())
+    assert meta["dimension_names"] == ["row", "col"] and meta["shape"] == [3, 3]
+    again = store.ZarrGroup(tmp_path / "g.zarr", attributes={"ignored": True})  # existing: kept
+    assert again.attributes == {"k": 1}
+    again.open("x", [3, 3])
+    again.resize(2)
+    np.testing.assert_array_equal(store.read_zarr(tmp_path / "g.zarr" / "x")[:, 0], [5.0, 1.0])
+    np.testing.assert_array_equal(again.read("step"), [0, 10, 20])  # not opened: not resized
+    with pytest.raises(CheckpointError, match="holds shape"):
+        again.open("x", [5, 3])
+    store.ZarrGroup(tmp_path / "g.zarr", fresh=True)
+    assert not (tmp_path / "g.zarr" / "x").exists()
+
+
+def test_ledger_rows_on_zarr_group_truncate_and_reopen(tmp_path):
+    """The training ledger is a ZarrGroup: rows appended by step, cut back on resume, reopened."""
+    from jaxalign.train.ledger import Ledger, read_ledger
+
+    led = Ledger(tmp_path / "ledger.zarr", 2)
+    for step in (0, 2, 4):
+        led.append(step, [step, -1.0], [0.5, 0.25], [0.0, 0.0], None, beta=0.5)
+    led.truncate(2)
+    again = Ledger(tmp_path / "ledger.zarr", 2)
+    assert again.num_rows == 2
+    again.append(3, [1.0, 1.0], [0.0, 0.0], None, None, beta=1.0)
+    got = read_ledger(tmp_path / "ledger.zarr")
+    assert got["step"].tolist() == [0, 2, 3]
+    # rewards = beta * (logps - reference); reference-free when None
+    np.testing.assert_allclose(got["chosen_rewards"], [[0.0, -0.5], [1.0, -0.5], [1.0, 1.0]])
+    np.testing.assert_allclose(got["rejected_rewards"], [[0.25, 0.125], [0.25, 0.125], [0.0, 0.0]])
+    np.testing.assert_allclose(got["margin"], got["chosen_rewards"] - got["rejected_rewards"])
+    with pytest.raises(ValueError, match="ledger has 2 probe pairs, the run has 3"):
+        Ledger(tmp_path / "ledger.zarr", 3)

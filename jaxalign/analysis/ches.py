@@ -17,7 +17,7 @@ Pure functions (:func:`hidden_sum`, :func:`ches`, :func:`ln_ches`, :func:`scores
 batch; :func:`pair_scores` runs a model on a batch of pairs with the prompt computed once
 (:func:`jaxalign.pairs.pair_forward`, no logits); :func:`make_scorer` jits it with the batch sharded over
 a mesh's ``data``/``fsdp`` axes. The whole-dataset job (tokenize, sort by length, score, write Parquet,
-resume) is :func:`jaxalign.analysis.ches_run.run_ches`.
+resume) is :func:`jaxalign.jobs.ches.run_ches`.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import pairs
+from jaxalign.models import parts
 
 #: The per-pair arrays :func:`pair_scores` returns (all ``[B]``).
 SCORE_FIELDS = ("ches", "ln_ches", "last_hidden_ip", "chosen_len", "rejected_len")
 
 #: The batch arrays :func:`pair_scores` and :func:`make_scorer` take.
-BATCH_FIELDS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids",
-                "rejected_mask")
+BATCH_FIELDS = pairs.KEYS
 
 
 def hidden_sum(hidden_BTD: jax.Array, response_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -169,50 +169,10 @@ def make_scorer(model, *, mesh=None, layer: int | None = None, return_sums: bool
       ``scorer(batch)`` taking a mapping with :data:`BATCH_FIELDS` (NumPy ``[B, P]``/``[B, R]``, the
       whole batch on every process) and returning NumPy arrays (all rows, on every process).
     """
-    from flax import nnx
-
-    from jaxalign import parallel
-
-    graphdef, state = nnx.split(model)
-    options = (layer, return_sums)
-    if mesh is None:
-        def scorer(batch):
-            out = _scores_jit(graphdef, options, state, {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS})
-            return {k: np.asarray(v) for k, v in out.items()}
-
-        return scorer
-
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    state_sh = parallel.state_shardings(state, mesh)
-    state = jax.device_put(state, state_sh)
-    rows = parallel.batch_sharding(mesh, 2)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(_scores, static_argnums=(0, 1),
-                     in_shardings=(state_sh, {k: rows for k in BATCH_FIELDS}), out_shardings=replicated)
-
-    def scorer(batch):
-        # Every process holds the whole (global) batch and feeds its devices their rows; the small
-        # per-pair results come back replicated, so every process can read all of them.
-        arrays = {}
-        for k in BATCH_FIELDS:
-            host = np.asarray(batch[k])
-            arrays[k] = jax.make_array_from_callback(host.shape, rows, lambda idx, h=host: h[idx])
-        with jax.set_mesh(mesh):
-            out = jitted(graphdef, options, state, arrays)
-        return {k: np.asarray(v) for k, v in out.items()}
-
-    return scorer
+    return parts.host_jit(model, score_batch, keys=BATCH_FIELDS, mesh=mesh, options=(layer, return_sums))
 
 
-def _scores(graphdef, options, state, batch):
-    from flax import nnx
-
-    layer, return_sums = options
-    return pair_scores(nnx.merge(graphdef, state), *(batch[k] for k in BATCH_FIELDS), layer=layer,
-                       return_sums=return_sums)
-
-
-# Module-level, with the model's structure static: models of the same architecture (two checkpoints,
-# a resumed run) share one compilation per batch shape.
-_scores_jit = jax.jit(_scores, static_argnums=(0, 1))
+def score_batch(model, batch: Mapping[str, jax.Array], layer: int | None = None, return_sums: bool = False
+                ) -> dict[str, jax.Array]:
+    """:func:`pair_scores` of a batch mapping (:data:`BATCH_FIELDS`); what :func:`make_scorer` jits."""
+    return pair_scores(model, *(batch[k] for k in BATCH_FIELDS), layer=layer, return_sums=return_sums)

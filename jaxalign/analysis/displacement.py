@@ -25,22 +25,20 @@ Given a checkpoint *before* and one *after* preference training, and the pairs `
     value gain probability).
 
 :func:`pair_statistics` is the per-batch function (jit-ed, prompt once); :func:`theory_quantities`
-the pure function of ``W``; :func:`run_displacement` the job behind ``jaxalign displacement``, which writes
-``DIR/pairs.parquet`` (one row per pair), ``DIR/rising_tokens.parquet`` (``K`` rows per pair) and
-``DIR/summary.json``.
+the pure function of ``W``. The job behind ``jaxalign displacement`` (the batch loop, the tables and
+``summary.json``) is :mod:`jaxalign.jobs.displacement`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import pairs, store
-from jaxalign.errors import ModelError
+from jaxalign import pairs
+from jaxalign.models import parts
 
 PAIR_COLUMNS = (
     "index", "prompt_len", "chosen_len", "rejected_len", "single_token", "chosen_token", "rejected_token",
@@ -48,7 +46,7 @@ PAIR_COLUMNS = (
     "logp_rejected_before", "logp_rejected_after", "delta_logp_rejected",
     "p_first_chosen_before", "p_first_chosen_after", "p_first_rejected_before", "p_first_rejected_after",
     "w_chosen_dot_rejected", "w_diff_proj_on_chosen", "w_diff_orth_norm", "theorem1_term")
-_BATCH_KEYS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+_BATCH_KEYS = pairs.KEYS
 TOKEN_COLUMNS = ("index", "rank", "token_id", "token", "prob_before", "prob_after", "prob_increase",
                  "is_chosen", "is_rejected", "w_z_dot_diff")
 
@@ -110,7 +108,7 @@ def theory_quantities(W_VD: jax.Array, chosen_B: jax.Array, rejected_B: jax.Arra
     return out
 
 
-_theory_jit = jax.jit(theory_quantities)
+theory_jit = jax.jit(theory_quantities)
 
 
 def top_rising(probs_before_BV: np.ndarray, probs_after_BV: np.ndarray, k: int) -> np.ndarray:
@@ -121,7 +119,7 @@ def top_rising(probs_before_BV: np.ndarray, probs_after_BV: np.ndarray, k: int) 
     return order[:, :k]
 
 
-def _single_token(tokens, rows: np.ndarray, eos_id: int) -> np.ndarray:
+def single_token(tokens, rows: np.ndarray, eos_id: int) -> np.ndarray:
     """Whether each pair's responses are one token each followed by EOS, and different."""
     out = np.zeros(len(rows), bool)
     for j, i in enumerate(rows):
@@ -130,193 +128,8 @@ def _single_token(tokens, rows: np.ndarray, eos_id: int) -> np.ndarray:
     return out
 
 
-def _stats(graphdef, state, batch):
-    from flax import nnx
-
-    return pair_statistics(nnx.merge(graphdef, state), batch)
-
-
-# The model's structure is static: the before and after checkpoints share one compilation per shape.
-_stats_jit = jax.jit(_stats, static_argnums=0)
-
-
-def _jitted(model) -> Callable:
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    return lambda batch: _stats_jit(graphdef, state, {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS})
-
-
-def compare(before, after, dataset, *, top_k: int = 10, batch_size: int = 8, tokenizer=None,
-            progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-pair and per-rising-token columns (:data:`PAIR_COLUMNS`, :data:`TOKEN_COLUMNS`).
-
-    Args:
-      before, after: the two loaded models (same vocabulary).
-      dataset: a :class:`jaxalign.data.PairDataset`.
-      top_k: rising tokens kept per pair.
-      batch_size: pairs per forward pass.
-      tokenizer: to decode the rising tokens (``token`` column; empty strings without one).
-      progress: show a progress bar.
+def statistics_fn(model, mesh=None) -> Callable:
+    """``batch -> pair_statistics(model, batch)`` as NumPy, jitted (:func:`jaxalign.models.parts.host_jit`:
+    the model's structure is static, so the before and after checkpoints share one compilation per shape).
     """
-    from tqdm.auto import tqdm
-
-    from jaxalign.analysis.ches_run import bucket, plan_batches
-    from jaxalign.data.batch import shared_prompt_batch
-
-    W = before.unembedding()
-    V_before, V_after = W.shape[0], after.unembedding().shape[0]
-    if V_before != V_after:
-        raise ModelError(f"the checkpoints have different vocabularies ({V_before} and {V_after} tokens)")
-    tokens = dataset.tokens
-    f_before, f_after = _jitted(before), _jitted(after)
-    theory = _theory_jit
-    resp = np.maximum(tokens.chosen.lengths, tokens.rejected.lengths)
-    batches = plan_batches(tokens.prompt.lengths, resp, batch_size)
-    cols: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
-    tcols: dict[str, list] = {c: [] for c in TOKEN_COLUMNS}
-    bar = tqdm(total=len(tokens), unit="pair", desc="displacement", disable=not progress, dynamic_ncols=True)
-    for rows in batches:
-        n = len(rows)
-        padded = np.full(batch_size, -1, np.int64)
-        padded[:n] = rows
-        batch = shared_prompt_batch(tokens, padded, pad_id=dataset.pad_id,
-                                    prompt_length=bucket(int(tokens.prompt.lengths[rows].max())),
-                                    response_length=bucket(int(resp[rows].max())))
-        b, a = f_before(batch), f_after(batch)
-        lp_b = np.asarray(b["next_logprobs"])[:n].astype(np.float64)
-        lp_a = np.asarray(a["next_logprobs"])[:n].astype(np.float64)
-        pb, pa = np.exp(lp_b), np.exp(lp_a)
-        first_c = np.array([tokens.chosen[i][0] for i in rows])
-        first_r = np.array([tokens.rejected[i][0] for i in rows])
-        single = _single_token(tokens, rows, dataset.eos_id)
-        q = {k: np.asarray(v) for k, v in theory(W, jnp.asarray(first_c), jnp.asarray(first_r),
-                                                    jnp.asarray(pb, jnp.float32)).items()}
-        nan = np.full(n, np.nan)
-        ar = np.arange(n)
-        values = {
-            "index": tokens.index[rows], "prompt_len": tokens.prompt.lengths[rows],
-            "chosen_len": tokens.chosen.lengths[rows], "rejected_len": tokens.rejected.lengths[rows],
-            "single_token": single, "chosen_token": first_c, "rejected_token": first_r,
-            "logp_chosen_before": np.asarray(b["chosen_logps"])[:n],
-            "logp_chosen_after": np.asarray(a["chosen_logps"])[:n],
-            "logp_rejected_before": np.asarray(b["rejected_logps"])[:n],
-            "logp_rejected_after": np.asarray(a["rejected_logps"])[:n],
-            "p_first_chosen_before": pb[ar, first_c], "p_first_chosen_after": pa[ar, first_c],
-            "p_first_rejected_before": pb[ar, first_r], "p_first_rejected_after": pa[ar, first_r],
-        }
-        values["delta_logp_chosen"] = values["logp_chosen_after"] - values["logp_chosen_before"]
-        values["delta_logp_rejected"] = values["logp_rejected_after"] - values["logp_rejected_before"]
-        for k in ("w_chosen_dot_rejected", "w_diff_proj_on_chosen", "w_diff_orth_norm", "theorem1_term"):
-            values[k] = np.where(single, q[k], nan)
-        for k in PAIR_COLUMNS:
-            cols[k].append(np.asarray(values[k]))
-        top = top_rising(pb, pa, top_k)
-        for j in range(n):
-            for rank, z in enumerate(top[j]):
-                tcols["index"].append(int(tokens.index[rows[j]]))
-                tcols["rank"].append(rank + 1)
-                tcols["token_id"].append(int(z))
-                tcols["token"].append(tokenizer.decode([int(z)]) if tokenizer is not None else "")
-                tcols["prob_before"].append(float(pb[j, z]))
-                tcols["prob_after"].append(float(pa[j, z]))
-                tcols["prob_increase"].append(float(pa[j, z] - pb[j, z]))
-                tcols["is_chosen"].append(bool(z == first_c[j]))
-                tcols["is_rejected"].append(bool(z == first_r[j]))
-                tcols["w_z_dot_diff"].append(float(q["w_dot_diff"][j, z]) if single[j] else float("nan"))
-        bar.update(n)
-    bar.close()
-    pair_cols = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
-    order = np.argsort(pair_cols["index"], kind="stable")
-    pair_cols = {k: v[order] for k, v in pair_cols.items()}
-    token_cols = {k: (np.asarray(v, dtype=object) if k == "token" else np.asarray(v))
-                  for k, v in tcols.items()}
-    if token_cols["index"].size:
-        torder = np.lexsort((token_cols["rank"], token_cols["index"]))
-        token_cols = {k: v[torder] for k, v in token_cols.items()}
-    return pair_cols, token_cols
-
-
-def summarize(pair_cols: dict[str, np.ndarray], report, **about) -> dict:
-    """Means of the changes (the paper's Δ mean log π(y+|x) is a difference of means) and counts."""
-    d_c, d_r = pair_cols["delta_logp_chosen"], pair_cols["delta_logp_rejected"]
-    n = int(d_c.size)
-    single = pair_cols["single_token"].astype(bool)
-    return {**about, "pairs": n, "read": report.read, "skipped": len(report.skipped),
-            "single_token_pairs": int(single.sum()),
-            "mean_delta_logp_chosen": float(d_c.mean()) if n else None,
-            "mean_delta_logp_rejected": float(d_r.mean()) if n else None,
-            "mean_delta_margin": float((d_c - d_r).mean()) if n else None,
-            "fraction_chosen_down": float((d_c < 0).mean()) if n else None,
-            "likelihood_displacement": bool(n and d_c.mean() < 0),
-            "mean_orth_over_proj": (float(np.nanmean(np.abs(pair_cols["w_diff_orth_norm"][single])
-                                                     / np.abs(pair_cols["w_diff_proj_on_chosen"][single])))
-                                    if single.any() else None)}
-
-
-def run_displacement(before_path: str, after_path: str, data: str, out_dir: str, *, top_k: int = 10,
-                     batch_size: int = 8, max_length: int | None = None, limit: int | None = None,
-                     on_bad_record: str = "error", chat: bool = False, progress: bool = True) -> dict:
-    """Loads both checkpoints and the data, compares them (:func:`compare`) and writes ``out_dir``.
-
-    The data is tokenized with the *before* checkpoint's tokenizer. Returns a dict with ``summary``,
-    ``pairs`` and ``tokens`` (the column dicts), for :func:`format_table`.
-    """
-    from jaxalign.analysis.ches_run import load_pairs
-    from jaxalign.errors import ConfigError
-    from jaxalign.models import load_pretrained
-
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    before, tokenizer = load_pretrained(before_path)
-    after, _ = load_pretrained(after_path)
-    if tokenizer is None:
-        raise ConfigError(f"{before_path}: no tokenizer files; the before checkpoint must have a tokenizer")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = load_pairs(data, tokenizer, limit=limit, max_length=max_length, on_bad_record=on_bad_record,
-                         chat=chat, report=str(out / "skipped.jsonl"))
-    pair_cols, token_cols = compare(before, after, dataset, top_k=top_k, batch_size=batch_size,
-                                    tokenizer=tokenizer, progress=progress)
-    store.write_table(pair_cols, out / "pairs.parquet", metadata={"before": before_path, "after": after_path,
-                                                                   "data": data})
-    store.write_table(token_cols, out / "rising_tokens.parquet", metadata={"top_k": top_k})
-    summary = summarize(pair_cols, dataset.report, before=before_path, after=after_path, data=data,
-                        top_k=top_k)
-    store.write_json(out / "summary.json", summary)
-    return {"summary": summary, "pairs": pair_cols, "tokens": token_cols, "out": str(out)}
-
-
-def format_table(result: dict, show: int = 20) -> str:
-    """A readable table: per pair the changes of log π(y±|x) and the three tokens that rose most."""
-    s, p, t = result["summary"], result["pairs"], result["tokens"]
-    lines = [f"{s['pairs']} pairs ({s['single_token_pairs']} single-token); mean Δlog π(y+|x) "
-             f"{_f(s['mean_delta_logp_chosen'])}, mean Δlog π(y−|x) {_f(s['mean_delta_logp_rejected'])}; "
-             f"y+ fell on {_pct(s['fraction_chosen_down'])} of pairs"
-             + (" — likelihood displacement" if s["likelihood_displacement"] else ""),
-             f"{'index':>6} {'logπ(y+) before→after':>24} {'Δ':>8} {'logπ(y−) before→after':>24} "
-             f"{'Δ':>8}  top rising tokens (p before→after)"]
-    by_index: dict[int, list[str]] = {}
-    for i, tok, pb, pa in zip(t["index"], t["token"], t["prob_before"], t["prob_after"]):
-        entry = by_index.setdefault(int(i), [])
-        if len(entry) < 3:
-            entry.append(f"{str(tok)!r} {pb:.3f}→{pa:.3f}")
-    for j in range(min(show, len(p["index"]))):
-        i = int(p["index"][j])
-        lines.append(f"{i:>6} {p['logp_chosen_before'][j]:>11.3f}→{p['logp_chosen_after'][j]:<11.3f} "
-                     f"{p['delta_logp_chosen'][j]:>+8.3f} {p['logp_rejected_before'][j]:>11.3f}→"
-                     f"{p['logp_rejected_after'][j]:<11.3f} {p['delta_logp_rejected'][j]:>+8.3f}  "
-                     + ", ".join(by_index.get(i, [])))
-    if len(p["index"]) > show:
-        lines.append(f"… {len(p['index']) - show} more in {result['out']}/pairs.parquet")
-    return "\n".join(lines)
-
-
-def _f(x) -> str:
-    return "n/a" if x is None else f"{x:+.4f}"
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    return parts.host_jit(model, pair_statistics, keys=_BATCH_KEYS, mesh=mesh)

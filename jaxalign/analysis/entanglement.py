@@ -35,7 +35,7 @@ Three methods compute the same numbers (tested equal to brute force and to PyTor
     relative to the layer widths, which is the usual case), else ``exact``; ``jvp`` when ``exact`` is
     chosen but two gradients per pair do not fit the memory budget.
 
-Entry points: :func:`make_probe` (a reusable jitted ``batch -> results`` function, the batch sharded over a
+Entry points: :func:`make_pair_grads` (a reusable jitted ``batch -> results`` function, the batch sharded over a
 mesh), :func:`entanglement` (one batch, with margin weights and predictions), :func:`predict`.
 """
 
@@ -45,18 +45,19 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import pairs
 from jaxalign.analysis import entanglement_gram as gram_lib
 from jaxalign.errors import ConfigError
 
 METHODS = ("auto", "exact", "jvp", "gram")
 CASES = ("ideal", "both_down", "both_up", "inverted")
-BATCH_FIELDS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+BATCH_FIELDS = pairs.KEYS
 
 
 # --- predictions ------------------------------------------------------------------------------------
@@ -211,36 +212,28 @@ def _float_split(tree):
     return floats, others, rebuild
 
 
-def _last_valid(mask_T):
-    T = mask_T.shape[0]
-    return T - 1 - jnp.argmax(mask_T[::-1].astype(bool))
-
-
 def prompt_stage(sm: SplitModel, diff, fixed, rest, prompt_ids_P, prompt_mask_P, total: int):
-    """One prompt into a KV cache of ``total`` slots: ``(cache, h_last [D])`` (pairs.pair_forward, B=1)."""
-    model = sm.merge(diff, fixed, rest)
-    cache = model.init_cache(1, total)
-    # The cache writes at (0, end): under vmap with x64 the Python 0 becomes int64, so `end` must be the
-    # default int too (an int32 `end` fails in the batched dynamic_update_slice).
-    cache = cache.replace(end=cache.end.astype(jnp.asarray(0).dtype))
-    out = model(prompt_ids_P[None], prompt_mask_P[None], cache=cache, return_logits=False)
-    h_last_D = out.hidden[0, _last_valid(prompt_mask_P)]
-    return out.cache, h_last_D
+    """One prompt into a KV cache of ``total`` slots: ``(cache, h_last [D])`` (:func:`pairs.encode_prompt`,
+    B = 1, so that it vmaps over the pairs)."""
+    P = prompt_ids_P.shape[0]
+    prompt = pairs.encode_prompt(sm.merge(diff, fixed, rest), prompt_ids_P[None], prompt_mask_P[None],
+                                 response_length=total - P)
+    return prompt.cache, prompt.last_hidden()[0]
 
 
 def response_stage(sm: SplitModel, diff, fixed, rest, cache, h_last_D, ids_R, mask_R):
-    """Token log-probs ``[R]`` (0 on padding) of one response continuing the prompt's cache.
+    """Token log-probs ``[R]`` (0 on padding) of one response continuing the prompt's cache
+    (:func:`pairs.continue_responses`); their sum is s.
 
     Response token ``k`` is predicted by ``h_last`` for ``k = 0`` and by the response position ``k − 1``
-    otherwise (DESIGN §3); the sum is s.
+    otherwise (DESIGN §3).
     """
     model = sm.merge(diff, fixed, rest)
-    out = model(ids_R[None], mask_R[None], cache=cache, return_logits=False)
-    h_RD = jnp.concatenate([h_last_D[None].astype(out.hidden.dtype), out.hidden[0, :-1]], axis=0)
-    logits_RV = model.logits(h_RD[None])[0]
-    logits_RV = logits_RV.astype(jnp.promote_types(logits_RV.dtype, jnp.float32))
-    target = jnp.take_along_axis(logits_RV, ids_R[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    lp_R = target - jax.nn.logsumexp(logits_RV, axis=-1)
+    prompt = pairs.PromptEncoding(cache, None, None)
+    out = pairs.continue_responses(model, prompt, ids_R[None], mask_R[None])
+    first_1, next_1R = pairs.response_logprobs(model, h_last_D[None].astype(out.hidden.dtype), out.hidden,
+                                               ids_R[None], chunk_size=None)
+    lp_R = jnp.concatenate([first_1, next_1R[0, :-1]], axis=0)
     return jnp.where(mask_R.astype(bool), lp_R, 0.0)
 
 
@@ -550,11 +543,10 @@ class PairGrads(NamedTuple):
     method: str
 
 
-def make_probe(model, *, method: str = "auto", params: str | Sequence[str] | None = None,
-               last_blocks: int | None = None, per_layer: bool = False, chunk_size: int | None = None,
-               mesh=None,
-               budget: int | None = None, compiler_options: Mapping[str, Any] | None = None
-               ) -> Callable[[Mapping[str, Any]], PairGrads]:
+def make_pair_grads(model, *, method: str = "auto", params: str | Sequence[str] | None = None,
+                    last_blocks: int | None = None, per_layer: bool = False, chunk_size: int | None = None,
+                    mesh=None, budget: int | None = None, compiler_options: Mapping[str, Any] | None = None
+                    ) -> "PairGradsFn":
     """A ``batch -> PairGrads`` function: per-pair gradient norms and inner products of ``model``.
 
     Args:
@@ -571,12 +563,9 @@ def make_probe(model, *, method: str = "auto", params: str | Sequence[str] | Non
         CPU compile time for tiny models, as the tests do).
 
     Returns:
-      ``probe(batch)`` taking a mapping with :data:`BATCH_FIELDS` (the shared-prompt layout of
-      :func:`jaxalign.data.shared_prompt_batch`: prompts ``[B, P]`` any padding, responses ``[B, R]``
-      right-padded, EOS included) and returning :class:`PairGrads`. ``probe.choice(P, R)`` tells which
-      method and chunk a shape gets; ``probe.lower(batch)`` is the lowered computation (for XLA's cost
-      and memory analysis), ``probe.inputs(batch)`` its ``(args, static)`` and ``probe.unpack(out, method)``
-      turns a compiled call's output into :class:`PairGrads` (the benchmark uses these).
+      a :class:`PairGradsFn`: call it with a mapping with :data:`BATCH_FIELDS` (the shared-prompt layout
+      of :func:`jaxalign.data.shared_prompt_batch`: prompts ``[B, P]`` any padding, responses ``[B, R]``
+      right-padded, EOS included) to get :class:`PairGrads`.
 
     Raises:
       ConfigError: an unknown method, ``per_layer`` with ``jvp``, or patterns that select nothing.
@@ -585,90 +574,99 @@ def make_probe(model, *, method: str = "auto", params: str | Sequence[str] | Non
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if per_layer and method == "jvp":
         raise ConfigError("--per-layer needs --method exact, gram or auto (jvp gives totals only)")
-    sm = split_model(model, params, last_blocks)
-    diff, fixed = sm.split_leaves(list(sm.leaves))
-    rest = sm.rest
-    budget = budget or memory_budget()
-    plans_cache: dict = {}
-    choices: dict = {}
+    return PairGradsFn(split_model(model, params, last_blocks), method=method, per_layer=per_layer,
+                       chunk_size=chunk_size, mesh=mesh, budget=budget or memory_budget(),
+                       compiler_options=compiler_options)
 
-    def plans_for(P, R):
-        if (P, R) not in plans_cache:
-            plans_cache[(P, R)] = gram_plans(sm, diff, fixed, rest, P, R)
-        return plans_cache[(P, R)]
 
-    def choice(P: int, R: int) -> Choice:
-        if (P, R) not in choices:
-            plans = plans_for(P, R) if method in ("auto", "gram") else None
-            c = choose_method(method, plans, sm, P, R, per_layer=per_layer, chunk_size=chunk_size,
-                              budget=budget)
-            if mesh is not None:
-                rows = int(mesh.shape["data"] * mesh.shape["fsdp"])
+class PairGradsFn:
+    """The jitted per-pair gradient function of :func:`make_pair_grads` (one compile per padded shape).
+
+    Attributes:
+      split: the :class:`SplitModel` (which parameters are differentiated).
+      jitted: the jitted ``fn(diff, fixed, rest, batch, *, method_, chunk)`` (``jaxalign plan`` lowers it
+        from placed abstract inputs).
+    """
+
+    def __init__(self, sm: SplitModel, *, method: str, per_layer: bool, chunk_size: int | None, mesh,
+                 budget: int, compiler_options):
+        self.split, self.method, self.per_layer, self.chunk_size = sm, method, per_layer, chunk_size
+        self.mesh, self.budget = mesh, budget
+        self._plans: dict = {}
+        self._choices: dict = {}
+        self.diff, self.fixed = sm.split_leaves(list(sm.leaves))
+        self.rest = sm.rest
+        self.jitted = jax.jit(self._fn, static_argnames=("method_", "chunk"), compiler_options=compiler_options)
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            from jaxalign import parallel
+
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self.diff, self.fixed, self.rest = jax.device_put((self.diff, self.fixed, self.rest), replicated)
+            self._rows = parallel.batch_sharding(mesh, 2)
+
+    def _plans_for(self, P: int, R: int):
+        if (P, R) not in self._plans:
+            self._plans[(P, R)] = gram_plans(self.split, self.diff, self.fixed, self.rest, P, R)
+        return self._plans[(P, R)]
+
+    def choice(self, P: int, R: int) -> Choice:
+        """Which method and chunk a ``(P, R)`` shape gets (chunks rounded to the mesh's rows)."""
+        if (P, R) not in self._choices:
+            plans = self._plans_for(P, R) if self.method in ("auto", "gram") else None
+            c = choose_method(self.method, plans, self.split, P, R, per_layer=self.per_layer,
+                              chunk_size=self.chunk_size, budget=self.budget)
+            if self.mesh is not None:
+                rows = int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
                 c = c._replace(chunk=-(-c.chunk // rows) * rows)
-            choices[(P, R)] = c
-        return choices[(P, R)]
+            self._choices[(P, R)] = c
+        return self._choices[(P, R)]
 
-    def fn(diff, fixed, rest, batch, *, method_, chunk):
-        P, R = batch["prompt_ids"].shape[1], batch["chosen_ids"].shape[1]
+    def _fn(self, diff, fixed, rest, batch, *, method_, chunk):
+        sm = self.split
         if method_ == "exact":
             per_pair = lambda pair: _pair_exact(sm, diff, fixed, rest, pair)  # noqa: E731
         elif method_ == "jvp":
             per_pair = lambda pair: _pair_jvp(sm, diff, fixed, rest, pair)  # noqa: E731
         else:
-            plans = plans_for(P, R)
+            plans = self._plans_for(batch["prompt_ids"].shape[1], batch["chosen_ids"].shape[1])
             per_pair = lambda pair: _pair_gram(sm, plans, diff, fixed, rest, pair)  # noqa: E731
         stats, s2 = map_chunks(jax.vmap(per_pair), batch, chunk)
         return {"stats": stats, "logps": s2}
 
-    jitted = jax.jit(fn, static_argnames=("method_", "chunk"), compiler_options=compiler_options)
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from jaxalign import parallel
-
-        replicated = NamedSharding(mesh, PartitionSpec())
-        diff, fixed, rest = jax.device_put((diff, fixed, rest), replicated)
-        rows_sh = parallel.batch_sharding(mesh, 2)
-
-    def inputs(batch: Mapping[str, Any]):
-        """``(args, static)`` of the jitted function for ``batch`` (arrays placed on the mesh)."""
+    def inputs(self, batch: Mapping[str, Any]):
+        """``(args, static)`` of :attr:`jitted` for ``batch`` (arrays placed on the mesh)."""
         arrays = {k: np.asarray(batch[k]) for k in BATCH_FIELDS}
-        c = choice(arrays["prompt_ids"].shape[1], arrays["chosen_ids"].shape[1])
-        if mesh is None:
+        c = self.choice(arrays["prompt_ids"].shape[1], arrays["chosen_ids"].shape[1])
+        if self.mesh is None:
             placed = {k: jnp.asarray(v) for k, v in arrays.items()}
         else:
-            placed = {k: jax.device_put(v, rows_sh) for k, v in arrays.items()}
-        return (diff, fixed, rest, placed), dict(method_=c.method, chunk=c.chunk)
+            placed = {k: jax.device_put(v, self._rows) for k, v in arrays.items()}
+        return (self.diff, self.fixed, self.rest, placed), dict(method_=c.method, chunk=c.chunk)
 
-    def lower(batch: Mapping[str, Any]):
+    def lower(self, batch: Mapping[str, Any]):
         """The ``jax.stages.Lowered`` computation for ``batch``'s shape (cost and memory analysis)."""
-        args, static = inputs(batch)
-        return jitted.lower(*args, **static)
+        args, static = self.inputs(batch)
+        return self.jitted.lower(*args, **static)
 
-    def probe(batch: Mapping[str, Any]) -> PairGrads:
-        args, static = inputs(batch)
-        if mesh is None:
-            out = jitted(*args, **static)
+    def __call__(self, batch: Mapping[str, Any]) -> PairGrads:
+        args, static = self.inputs(batch)
+        if self.mesh is None:
+            out = self.jitted(*args, **static)
         else:
-            with jax.set_mesh(mesh):
-                out = jitted(*args, **static)
-        return unpack(out, static["method_"])
+            with jax.set_mesh(self.mesh):
+                out = self.jitted(*args, **static)
+        return self.unpack(out, static["method_"])
 
-    def unpack(out, method_: str) -> PairGrads:
-        """:class:`PairGrads` from the jitted function's output dict (``lower(...).compile()(*args)``)."""
+    def unpack(self, out, method_: str) -> PairGrads:
+        """:class:`PairGrads` from :attr:`jitted`'s output dict (``lower(...).compile()(*args)``)."""
         stats = np.asarray(out["stats"])  # [B, 3, G]
         logps = np.asarray(out["logps"])  # [B, 2]
         totals = stats.astype(np.float64).sum(-1)
-        layers = stats if (per_layer and method_ != "jvp") else None
+        layers = stats if (self.per_layer and method_ != "jvp") else None
         return PairGrads(logps[:, 0], logps[:, 1], totals[:, 0], totals[:, 1], totals[:, 2], layers,
-                         sm.selected_names if layers is not None else (), method_)
-
-    probe.choice = choice
-    probe.split = sm
-    probe.inputs = inputs
-    probe.lower = lower
-    probe.unpack = unpack
-    return probe
+                         self.split.selected_names if layers is not None else (), method_)
 
 
 # --- one call: weights, predictions, cases ----------------------------------------------------------
@@ -723,7 +721,7 @@ def weigh(grads: PairGrads, batch: Mapping[str, Any], *, loss: str | Sequence[st
 def entanglement(model, batch: Mapping[str, Any], *, loss: str | Sequence[str] = "sigmoid",
                  beta: float = 0.1, ref_chosen_logps=None, ref_rejected_logps=None,
                  loss_options: Mapping[str, Any] | None = None, **probe_options) -> Entanglement:
-    """Gradient entanglement of every pair of one batch (builds a probe; use :func:`make_probe` to reuse).
+    """Gradient entanglement of every pair of one batch (builds the function; use :func:`make_pair_grads` to reuse).
 
     Args:
       model: a ``jaxalign.models`` causal LM.
@@ -731,11 +729,11 @@ def entanglement(model, batch: Mapping[str, Any], *, loss: str | Sequence[str] =
       loss, beta, loss_options: the loss whose margin weights are used (:mod:`jaxalign.losses`).
       ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs; ``None``: the policy itself.
       **probe_options: ``method``, ``params``, ``per_layer``, ``chunk_size``, ``mesh``, ``budget`` of
-        :func:`make_probe`.
+        :func:`make_pair_grads`.
 
     Returns:
       :class:`Entanglement`.
     """
-    grads = make_probe(model, **probe_options)(batch)
+    grads = make_pair_grads(model, **probe_options)(batch)
     return weigh(grads, batch, loss=loss, beta=beta, ref_chosen_logps=ref_chosen_logps,
                  ref_rejected_logps=ref_rejected_logps, loss_options=loss_options)

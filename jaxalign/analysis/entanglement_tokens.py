@@ -8,7 +8,7 @@ y_w,<t) and g_{l,s} likewise; :func:`token_gram` returns the ``[n, n]`` Gram mat
 ``[Rw, Rl]`` cosine matrix between chosen and rejected tokens. Row ``u`` of the Gram matrix is one reverse
 pass (the gradient of token ``u``'s log-prob) followed by one forward-mode pass of all ``n`` token
 log-probs along it, so only ``chunk`` gradients are held at a time; the sum of the matrix's chosen block
-is ‖g_w‖² (a check). :func:`save_heatmap` writes it as ``.npy`` and ``.png``.
+is ‖g_w‖² (a check). :func:`jaxalign.jobs.entangle.save_heatmap` writes it as ``.npy`` and ``.png``.
 
 **Sketches**. ``Ω g`` for a random ``Ω`` ``[k, |θ|]`` with i.i.d. entries N(0, 1/k) (``gaussian``) or ±1/√k
 (``rademacher``), so E⟨Ωa, Ωb⟩ = ⟨a, b⟩: inner products between *different* pairs' gradients at data-set
@@ -106,46 +106,6 @@ def token_gram(model, prompt_ids: Sequence[int], chosen_ids: Sequence[int], reje
     cos = np.where(denom > 0, gram[:Rw, Rw:] / np.where(denom > 0, denom, 1.0), 0.0)
     lps = np.asarray(jax.jit(tok)(diff, fixed, sm.rest), np.float64)
     return TokenGram(gram, cos, np.asarray(c), np.asarray(r), lps[:Rw], lps[Rw:])
-
-
-def save_heatmap(tg: TokenGram, stem, *, chosen_labels: Sequence[str] | None = None,
-                 rejected_labels: Sequence[str] | None = None, title: str = "") -> tuple[Any, Any]:
-    """Writes ``stem.npy`` (the cosine matrix) and ``stem.png`` (its heat map), atomically.
-
-    Returns:
-      the two paths.
-    """
-    import io
-    from pathlib import Path
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from jaxalign import store
-
-    stem = Path(stem)
-    buf = io.BytesIO()
-    np.save(buf, tg.cosine)
-    npy = store.write_bytes(stem.with_suffix(".npy"), buf.getvalue())
-    Rw, Rl = tg.cosine.shape
-    fig = Figure(figsize=(min(3 + 0.35 * Rl, 20), min(2.5 + 0.3 * Rw, 20)))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    im = ax.imshow(tg.cosine, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    fig.colorbar(im, ax=ax, label="cosine of token gradients")
-    ax.set_xlabel("rejected response token")
-    ax.set_ylabel("chosen response token")
-    if rejected_labels is not None and Rl <= 60:
-        ax.set_xticks(range(Rl), list(rejected_labels), rotation=90, fontsize=7)
-    if chosen_labels is not None and Rw <= 60:
-        ax.set_yticks(range(Rw), list(chosen_labels), fontsize=7)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=100)
-    png = store.write_bytes(stem.with_suffix(".png"), out.getvalue())
-    return npy, png
 
 
 # --- sketches ---------------------------------------------------------------------------------------

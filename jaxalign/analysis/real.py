@@ -26,22 +26,16 @@ CHES is prompt-conditioned, sum-pooled and centred by −‖S(y+)‖². :func:`r
 cosine of any list of pairs, so both can be compared on the same pairs.
 
 Public API: :func:`mean_pool`, :func:`embed_batch`, :func:`embed_texts`, :func:`real_cosines`,
-:func:`select_fraction`, :func:`kmeans2`, :func:`select_in_group`, :func:`read_groups`,
-:func:`run_select` (the ``jaxalign select`` job), :func:`write_records`.
+:func:`select_fraction`, :func:`kmeans2`, :func:`select_in_group`, :func:`read_groups`.
+The ``jaxalign select`` job (reading, writing records) is :mod:`jaxalign.jobs.select`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import itertools
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -49,11 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.errors import ConfigError, DataError
+from jaxalign.models import parts
 
 SUBSETS_PAIRS = ("easy", "hard", "random")
 SUBSETS_GROUPS = ("easy", "hard", "random", "centroid")
-#: Output suffixes :func:`write_records` knows.
-OUT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".csv")
 
 
 # --- embeddings ----------------------------------------------------------------------------------------
@@ -97,11 +90,9 @@ def embed_batch(model, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) ->
     return mean_pool(out.hidden, attention_mask_BT)
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
-def _embed_jit(graphdef, state, ids_BT, mask_BT):
-    from flax import nnx
-
-    return embed_batch(nnx.merge(graphdef, state), ids_BT, mask_BT)
+def _embed_rows(model, batch) -> jax.Array:
+    """:func:`embed_batch` of ``{"input_ids", "attention_mask"}`` (what :func:`embed_texts` jits)."""
+    return embed_batch(model, batch["input_ids"], batch["attention_mask"])
 
 
 def _padded(n: int, multiple: int = 16) -> int:
@@ -145,8 +136,6 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
     Raises:
       DataError: a text that tokenizes to no tokens.
     """
-    from flax import nnx
-
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     unique = list(dict.fromkeys(texts))
@@ -155,15 +144,8 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
     for t, row in zip(unique, ids):
         if not row:
             raise DataError(f"the response {t[:60]!r} tokenizes to no tokens; REAL cannot embed it")
-    graphdef, state = nnx.split(model)
-    rows_multiple = 1
-    batch_sharding = None
-    if mesh is not None:
-        from jaxalign import parallel
-
-        state = jax.device_put(state, parallel.state_shardings(state, mesh))
-        rows_multiple = int(mesh.shape["data"] * mesh.shape["fsdp"])
-        batch_sharding = parallel.batch_sharding(mesh, 2)
+    embed = parts.host_jit(model, _embed_rows, keys=("input_ids", "attention_mask"), mesh=mesh)
+    rows_multiple = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
     B = -(-batch_size // rows_multiple) * rows_multiple
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     order = sorted(range(len(unique)), key=lambda i: (len(ids[i]), i))
@@ -182,13 +164,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
             for r, i in enumerate(chunk):
                 ids_BT[r, :len(ids[i])] = ids[i]
                 mask_BT[r, :len(ids[i])] = 1
-            if batch_sharding is not None:
-                with jax.set_mesh(mesh):
-                    emb = _embed_jit(graphdef, state, jax.device_put(ids_BT, batch_sharding),
-                                     jax.device_put(mask_BT, batch_sharding))
-            else:
-                emb = _embed_jit(graphdef, state, jnp.asarray(ids_BT), jnp.asarray(mask_BT))
-            emb = np.asarray(emb)[:len(chunk)]
+            emb = embed({"input_ids": ids_BT, "attention_mask": mask_BT})[:len(chunk)]
             if out is None:
                 D = emb.shape[1]
                 out = np.zeros((len(unique), D), np.float32)
@@ -503,172 +479,7 @@ def read_groups(source, fields: GroupFields = GroupFields(), on_bad_record: str 
     return groups, problems
 
 
-# --- writing records -------------------------------------------------------------------------------------
-
-def write_records(path: str | os.PathLike, records: Sequence[dict]) -> Path:
-    """Writes records atomically in the format of the suffix: JSONL, JSON list, Parquet or CSV.
-
-    Strings holding undecodable bytes (read with ``surrogateescape``) are written back as those bytes.
-    """
-    from jaxalign import store
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in OUT_SUFFIXES:
-        raise ConfigError(f"--out {path}: unknown file type; use one of {', '.join(OUT_SUFFIXES)}")
-    if suffix in (".parquet", ".pq"):
-        import pyarrow as pa
-
-        return store.write_table(pa.Table.from_pylist(list(records)), path)
-    if suffix in (".jsonl", ".ndjson"):
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    elif suffix == ".json":
-        text = json.dumps(list(records), ensure_ascii=False, indent=1) + "\n"
-    else:
-        buf = io.StringIO()
-        names = list(dict.fromkeys(k for r in records for k in r))
-        writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
-        writer.writeheader()
-        for r in records:
-            writer.writerow(r)
-        text = buf.getvalue()
-    return store.write_bytes(path, text.encode("utf-8", "surrogateescape"))
-
-
-# --- the ``jaxalign select`` job ------------------------------------------------------------------------
-
-def _stats(x: np.ndarray) -> dict:
-    x = np.asarray(x, np.float64)
-    if x.size == 0:
-        return {"count": 0}
-    return {"count": int(x.size), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
-            "median": float(np.median(x)), "max": float(x.max()), "distinct": int(np.unique(x).size)}
-
-
-def run_select(model_path: str | None, data: str, out: str, *, subset: str, fraction: float | None = None,
-               seed: int = 0, batch_size: int = 16, max_length: int | None = 512,
-               on_bad_record: str = "error", scores_out: str | None = None, split: str | None = None,
-               fields: GroupFields = GroupFields(), mesh=None, progress: bool = True,
-               model_and_tokenizer=None) -> dict:
-    """Selects pairs by REAL cosine and writes them (``jaxalign select --method real``).
-
-    One pair per prompt (TRL records): writes the kept records unchanged (the input's fields, in input
-    order) to ``out``. Several responses per prompt: writes one standard record per prompt,
-    ``{"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}`` (TRL's binarized names; ranks
-    are written as negated scores). ``out``'s suffix picks JSONL, JSON, Parquet or CSV.
-
-    Args:
-      model_path: the embedding model (Hugging Face folder or ``.gguf``).
-      data: a data file, ``datasets`` folder or built-in name.
-      out: the output file.
-      subset: ``easy``, ``hard``, ``random`` or (several responses) ``centroid``.
-      fraction: share of pairs kept (one pair per prompt; default 0.5); must be unset for groups.
-      seed: seed of ``random``.
-      batch_size, max_length, mesh, progress: see :func:`embed_texts`.
-      on_bad_record: ``"error"`` or ``"skip"`` (skipped records are counted in the summary).
-      scores_out: also write a Parquet table ``index, real_cosine, selected`` here.
-      split: the split of a ``DatasetDict`` folder.
-      fields: field names of several-responses records.
-      model_and_tokenizer: an already loaded ``(model, tokenizer)``.
-
-    Returns:
-      a summary dict (counts, cosine statistics of all and of the kept pairs, ties at the cut).
-    """
-    from jaxalign import store
-    from jaxalign.data.formats import Fields
-    from jaxalign.data.load import open_source
-    from jaxalign.data.validate import validate_source
-
-    from jaxalign.analysis import jobs
-
-    model, tokenizer = jobs.load_model(model_path, job="REAL", mesh=mesh, model_and_tokenizer=model_and_tokenizer)
-    source = open_source(data, split)
-    summary: dict[str, Any] = {"method": "real", "model": model_path, "data": data, "subset": subset,
-                               "seed": seed, "max_length": max_length}
-    embed = partial(embed_texts, model, tokenizer, batch_size=batch_size, max_length=max_length, mesh=mesh,
-                    progress=progress)
-    if is_grouped(source, fields):
-        if fraction is not None:
-            raise ConfigError("--fraction applies to one pair per prompt; with several responses per "
-                              "prompt every prompt gives one pair")
-        if subset not in SUBSETS_GROUPS:
-            raise ConfigError(f"--subset {subset!r} is not one of {', '.join(SUBSETS_GROUPS)}")
-        groups, problems = read_groups(source, fields, on_bad_record)
-        texts = [response_text(r) for g in groups for r in g.responses]
-        emb = embed(texts) if texts else np.zeros((0, 0))
-        rng = np.random.default_rng(seed)
-        records, cos, idx, no_pair = [], [], [], []
-        pos = 0
-        for g in groups:
-            e = emb[pos:pos + len(g.responses)]
-            pos += len(g.responses)
-            pick = select_in_group(e, g.scores, subset, rng=rng)
-            if pick is None:
-                no_pair.append(g.index)
-                continue
-            c, r = pick
-            cos.append(float(np.dot(e[c].astype(np.float64), e[r].astype(np.float64))))
-            idx.append(g.index)
-            records.append({"prompt": g.prompt, "chosen": g.responses[c], "rejected": g.responses[r],
-                            "score_chosen": g.scores[c], "score_rejected": g.scores[r]})
-        write_records(out, records)
-        summary.update(format="several responses per prompt", read=len(source.records),
-                       groups=len(groups), skipped=len(problems), written=len(records),
-                       no_preference_pair=len(no_pair), no_preference_records=no_pair[:100],
-                       cosine_selected=_stats(np.asarray(cos)))
-        if scores_out:
-            store.write_table({"index": np.asarray(idx, np.int64), "real_cosine": np.asarray(cos)},
-                              scores_out)
-        return summary
-
-    fraction = 0.5 if fraction is None else fraction
-    pairs, report = validate_source(source, Fields(), on_bad_record)
-    cos = real_cosines(model, tokenizer, pairs, batch_size, max_length=max_length, mesh=mesh,
-                       progress=progress)
-    sel = select_fraction(cos, subset, fraction, seed=seed)
-    by_index = {r.index: r.value for r in source.records}
-    write_records(out, [by_index[pairs[i].index] for i in sel.rows])
-    selected = np.zeros(len(pairs), bool)
-    selected[sel.rows] = True
-    summary.update(format=report.format, read=report.read, kept=report.kept, skipped=len(report.skipped),
-                   fraction=fraction, written=int(sel.rows.size), cutoff=sel.cutoff,
-                   ties_at_cutoff=sel.ties_at_cutoff, cosine_all=_stats(cos),
-                   cosine_selected=_stats(cos[sel.rows]))
-    if scores_out:
-        store.write_table({"index": np.asarray([p.index for p in pairs], np.int64), "real_cosine": cos,
-                           "selected": selected}, scores_out)
-    return summary
-
-
-def format_summary(summary: Mapping[str, Any], out: str) -> str:
-    """The lines ``jaxalign select`` prints."""
-    lines = []
-    if "groups" in summary:
-        lines.append(f"{summary['data']}: {summary['read']} records, {summary['groups']} prompts with "
-                     f"several responses, {summary['skipped']} skipped; {summary['written']} "
-                     f"{summary['subset']} pairs written to {out}")
-        if summary["no_preference_pair"]:
-            lines.append(f"{summary['no_preference_pair']} prompt(s) gave no pair (all candidate responses "
-                         "had equal scores)")
-    else:
-        lines.append(f"{summary['data']}: read {summary['read']}, kept {summary['kept']}, skipped "
-                     f"{summary['skipped']}; {summary['written']} {summary['subset']} pairs "
-                     f"(fraction {summary['fraction']:g}) written to {out}")
-        a = summary["cosine_all"]
-        if a.get("count"):
-            lines.append(f"REAL cosine: all mean {a['mean']:.4f} (min {a['min']:.4f}, max {a['max']:.4f}, "
-                         f"{a['distinct']} distinct)")
-        if summary.get("ties_at_cutoff"):
-            lines.append(f"warning: {summary['ties_at_cutoff']} pairs share the cut-off cosine "
-                         f"{summary['cutoff']:.6g}; among them, earlier records were kept")
-    s = summary["cosine_selected"]
-    if s.get("count"):
-        lines.append(f"REAL cosine of the selected pairs: mean {s['mean']:.4f} (min {s['min']:.4f}, "
-                     f"max {s['max']:.4f})")
-    return "\n".join(lines)
-
-
 __all__ = ["mean_pool", "embed_batch", "tokenize_texts", "embed_texts", "response_text", "real_cosines",
            "Selection", "num_kept", "select_fraction", "kmeans2", "select_in_group", "Group",
-           "GroupFields", "is_grouped", "read_groups", "write_records", "run_select", "format_summary",
+           "GroupFields", "is_grouped", "read_groups",
            "SUBSETS_PAIRS", "SUBSETS_GROUPS"]

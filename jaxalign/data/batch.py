@@ -38,7 +38,13 @@ prompt column ``j`` is ``j − (Tp − P)`` and of response column ``k`` is ``P 
 
 **Bucketing** (``bucket``): ``T`` (and ``Tp``, ``Tr``) is the longest row rounded up so that jit sees
 few shapes: an int ``m`` rounds up to a multiple of ``m``; ``"pow2"`` (the default) to a power of two,
-at least 16; a sequence of sizes picks the smallest that fits; ``None`` keeps the exact length.
+at least 16; ``"jobs"`` to the smallest of :data:`LENGTH_BUCKETS`, beyond them to a multiple of 256 (the
+analysis jobs: ``ches``, ``entangle``, ``probe``, ``displacement``); a sequence of sizes picks the
+smallest that fits; ``None`` keeps the exact length.
+
+**Job batches** (:func:`plan_batches`): the analysis jobs sort the pairs by padded shape and length and
+cut them into batches of at most ``batch_size`` real pairs, padded with filler rows (-1) to a fixed row
+count; :func:`head` keeps the first ``n`` tokenized pairs (``--limit``).
 """
 
 from __future__ import annotations
@@ -53,6 +59,13 @@ from jaxalign.errors import ConfigError
 Bucket = int | str | Sequence[int] | None
 PADDING_SIDES = ("right", "left")
 POW2_MINIMUM = 16
+#: Padded lengths of ``bucket="jobs"`` (prompt and response each): a row is padded to the smallest that
+#: fits; beyond the list, to a multiple of :data:`JOBS_STEP`. Steps of 1.14-1.25x (multiples of 8, then
+#: 16, 32, 64, 128) keep padding near a tenth; each (prompt, response) bucket pair used is one compiled
+#: shape (seconds each on CPU).
+LENGTH_BUCKETS = (4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+                  448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
+JOBS_STEP = 256
 
 
 def bucket_length(n: int, bucket: Bucket = "pow2") -> int:
@@ -62,13 +75,17 @@ def bucket_length(n: int, bucket: Bucket = "pow2") -> int:
     [16, 16, 32, 128]
     >>> bucket_length(33, 32), bucket_length(33, (48, 64)), bucket_length(33, None)
     (64, 48, 33)
+    >>> bucket_length(33, "jobs"), bucket_length(3000, "jobs")
+    (40, 3072)
     """
     n = max(int(n), 1)
     if bucket is None:
         return n
     if isinstance(bucket, str):
+        if bucket == "jobs":
+            return next((b for b in LENGTH_BUCKETS if n <= b), -(-n // JOBS_STEP) * JOBS_STEP)
         if bucket != "pow2":
-            raise ConfigError(f"bucket must be an int, 'pow2', a list of sizes or None, got {bucket!r}")
+            raise ConfigError(f"bucket must be an int, 'pow2', 'jobs', a list of sizes or None, got {bucket!r}")
         return max(POW2_MINIMUM, 1 << (n - 1).bit_length())
     if isinstance(bucket, (int, np.integer)):
         if bucket < 1:
@@ -190,3 +207,31 @@ def _record_index(tokens: TokenizedPairs, rows: np.ndarray) -> np.ndarray:
     real = rows >= 0
     out[real] = tokens.index[rows[real]]
     return out
+
+
+def plan_batches(prompt_lengths_N: np.ndarray, response_lengths_N: np.ndarray, batch_size: int,
+                 bucket: Bucket = "jobs") -> list[np.ndarray]:
+    """Positions of the pairs in each batch, grouped by padded shape and sorted by length.
+
+    Pairs are ordered by (prompt bucket, response bucket, prompt length, response length, position), so a
+    batch mixes shapes only at a bucket boundary; each batch holds at most ``batch_size`` pairs. The plan
+    depends only on the lengths, so a rerun of the same job makes the same batches.
+
+    >>> [b.tolist() for b in plan_batches(np.array([30, 3, 5]), np.array([1, 1, 1]), 2)]
+    [[1, 2], [0]]
+    """
+    p = np.asarray(prompt_lengths_N, np.int64)
+    r = np.asarray(response_lengths_N, np.int64)
+    pb = np.array([bucket_length(x, bucket) for x in p], np.int64)
+    rb = np.array([bucket_length(x, bucket) for x in r], np.int64)
+    order = np.lexsort((np.arange(p.size), r, p, rb, pb))
+    return [order[start:start + batch_size] for start in range(0, order.size, batch_size)]
+
+
+def head(tokens: TokenizedPairs, n: int | None) -> TokenizedPairs:
+    """The first ``n`` pairs of ``tokens`` (all of them when ``n`` is ``None`` or not smaller)."""
+    if n is None or n >= len(tokens):
+        return tokens
+    ragged = [getattr(tokens, k) for k in ("prompt", "chosen", "rejected")]
+    return TokenizedPairs(tokens.index[:n], *(type(r)(r.values[:r.offsets[n]], r.offsets[:n + 1])
+                                               for r in ragged))

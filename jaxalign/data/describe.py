@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxalign.data.builtin import builtin_info, builtin_source, list_builtin
 from jaxalign.data.load import load_pairs, read_pairs
+from jaxalign.data.schemas import SCHEMAS, formats_table
 from jaxalign.errors import ModelError
 
 _SAMPLE_CHARS = 240
@@ -23,6 +24,12 @@ def builtin_table() -> str:
         count = len(builtin_source(name).records)
         lines.append(f"{name:44s} {count:6d}  {info.conversion:26s} {info.module}/{info.path}")
     return "\n".join(lines)
+
+
+def list_text() -> str:
+    """What ``jaxalign data list`` prints: the built-in sets, then the formats read by name or detected."""
+    return (builtin_table() + "\n\nformats (detected from the columns, or --format NAME; docs/data.md):\n"
+            + formats_table())
 
 
 def load_any_tokenizer(path: str):
@@ -51,7 +58,13 @@ def inspect(source: Any, model: str | None = None, *, report: str | None = None,
       **options: :class:`~jaxalign.data.load.LoadConfig` fields.
     """
     pairs, data_report = read_pairs(source, report=None, **options)
-    lines = [f"data: {data_report.source}", f"format: {data_report.format}"]
+    lines = [f"data: {data_report.source}", f"format: {data_report.format}",
+             f"  why: {data_report.detected}"]
+    if data_report.schema in SCHEMAS:
+        schema = SCHEMAS[data_report.schema]
+        lines.append(f"  reads: {schema.dataset} ({schema.card}): {schema.pairs}")
+    if data_report.pairing:
+        lines.append(f"  pairs by: {data_report.pairing}")
     dataset = None
     if model is not None:
         dataset = load_pairs(source, load_any_tokenizer(model), report=report, cache=cache, **options)
@@ -67,6 +80,10 @@ def inspect(source: Any, model: str | None = None, *, report: str | None = None,
         lines.append(f"  ... and {len(data_report.skipped) - 5} more")
     if report is not None:
         lines.append(f"skipped records written to {report}")
+    if data_report.no_pair:
+        shown = ", ".join(str(i) for i in data_report.no_pair[:10])
+        lines.append(f"records without a pair (ties, margin): {shown}"
+                     + (" ..." if len(data_report.no_pair) > 10 else ""))
     if data_report.identical:
         shown = ", ".join(str(i) for i in data_report.identical[:10])
         lines.append(f"chosen == rejected in records: {shown}"

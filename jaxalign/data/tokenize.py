@@ -13,6 +13,8 @@ For a pair with prompt text ``x`` and response text ``y`` (chosen or rejected)::
   token it wants, BOS included, so no second BOS appears.
 * The EOS (``tokenizer.eos_token_id``) is appended unless the response already ends with it (a chat
   template that closes the turn with the EOS token, as ChatML with ``<|im_end|>`` as EOS).
+  With ``append_eos=False`` nothing is appended (a response is its own tokens: a one-token answer
+  stays one token); a response with no tokens is then a bad record (kind ``empty-response``).
 * When ``full_ids[:len(prompt_ids)] != prompt_ids`` (a token merges across the boundary) the split above
   is still used, and the number of such records is reported (``DataReport.prompt_mismatch``) with a
   warning.
@@ -158,8 +160,8 @@ def special_ids(tokenizer) -> tuple[int, int]:
 def tokenize_pairs(pairs: list[Pair], tokenizer, *, conversational: bool = False, chat: bool = False,
                    max_length: int | None = None, max_prompt_length: int | None = None,
                    truncation_mode: str = "keep_end", overlong: str = "truncate",
-                   source_name: str = "<data>", line_of: dict[int, int] | None = None
-                   ) -> TokenizeResult:
+                   source_name: str = "<data>", line_of: dict[int, int] | None = None,
+                   append_eos: bool = True) -> TokenizeResult:
     """Tokenizes pairs jointly (module doc), in batches, and applies the length limits.
 
     Args:
@@ -170,6 +172,7 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, *, conversational: bool = False
       max_length, max_prompt_length, truncation_mode, overlong: the length limits (module doc).
       source_name: for error messages.
       line_of: source line of each record index, for error messages.
+      append_eos: end each response with EOS (module doc); ``False``: the response's tokens only.
 
     Returns:
       The :class:`TokenizeResult`; its tokens keep the order of ``pairs``.
@@ -194,7 +197,11 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, *, conversational: bool = False
         p_ids, c_full, r_full = (
             _encode(tokenizer, [t[k] for t in chunk], not templated, suffix) for k in (1, 2, 3))
         for (index, *_), p, cf, rf in zip(chunk, p_ids, c_full, r_full):
-            c, r = _response(cf, len(p), eos), _response(rf, len(p), eos)
+            c, r = _response(cf, len(p), eos, append_eos), _response(rf, len(p), eos, append_eos)
+            if not (c and r):
+                problems.append(Problem(index, "empty-response", "a response has no tokens (and append_eos "
+                                        "is off)", None, line_of.get(index)))
+                continue
             fitted = _fit(p, c, r, max_length, max_prompt_length, truncation_mode)
             cannot_fit = isinstance(fitted, str)
             if cannot_fit or (fitted[1] and overlong != "truncate"):
@@ -254,9 +261,9 @@ def _special_suffix_length(tokenizer) -> int:
     return 0
 
 
-def _response(full: list[int], prompt_length: int, eos: int) -> list[int]:
+def _response(full: list[int], prompt_length: int, eos: int, append_eos: bool = True) -> list[int]:
     response = full[prompt_length:]
-    if not response or response[-1] != eos:
+    if append_eos and (not response or response[-1] != eos):
         response = response + [eos]
     return response
 

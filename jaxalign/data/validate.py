@@ -13,6 +13,9 @@ index, line, field and reason. Problem kinds:
 ``empty``           an empty (or whitespace-only) prompt or response
 ``chat-template``   the chat template rejects the messages (found while tokenizing)
 ``over-long``       longer than ``max_length``/``max_prompt_length`` and not truncated (while tokenizing)
+``mismatch``        a record whose parts disagree in a built-in schema (a first user turn that is not
+                    ``prompt``, a rejected transcript that does not continue chosen's prompt, ...)
+``bad-value``       a label or score outside its range (``labels`` not 0/1, a strength outside -3…3)
 ==================  ==============================================================================
 
 ``chosen == rejected`` is not an error: the pair is kept (its CHES is defined, training on it is useless)
@@ -90,6 +93,14 @@ class DataReport:
       identical: indices of kept records with ``chosen == rejected``.
       truncated: number of kept records shortened to fit ``max_length``/``max_prompt_length``.
       prompt_mismatch: number of kept records whose joint tokenization changed the prompt's tokens.
+      schema: the built-in format the records were read with (:mod:`jaxalign.data.schemas`), or
+        ``"trl"``.
+      detected: why that format was used (one line).
+      records: the number of records in the source when a schema reader built the pairs (``read`` then
+        counts the pairs built plus the bad records), else ``None``.
+      no_pair: source positions of the records that gave no pair (tied scores, a margin not reached).
+      unselected: valid pairs left out by ``limit`` or ``sample``.
+      pairing: the aspect and pairing rule in words (ranked formats), else ``""``.
     """
 
     source: str
@@ -100,6 +111,12 @@ class DataReport:
     identical: tuple[int, ...] = ()
     truncated: int = 0
     prompt_mismatch: int = 0
+    schema: str = "trl"
+    detected: str = ""
+    records: int | None = None
+    no_pair: tuple[int, ...] = ()
+    unselected: int = 0
+    pairing: str = ""
 
     def counts_by_kind(self) -> dict[str, int]:
         return dict(collections.Counter(p.kind for p in self.skipped))
@@ -107,10 +124,16 @@ class DataReport:
     def summary(self) -> str:
         """One line: ``read 10, kept 8, skipped 2 (missing-field 2); 1 pair with chosen == rejected``."""
         text = f"read {self.read}, kept {self.kept}, skipped {len(self.skipped)}"
+        if self.records is not None:
+            text = f"{self.records} records gave {self.read} rows (pairs and bad records); " + text
         kinds = self.counts_by_kind()
         if kinds:
             text += " (" + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")"
+        if self.unselected:
+            text += f", not selected {self.unselected} (limit/sample)"
         notes = []
+        if self.no_pair:
+            notes.append(f"{len(self.no_pair)} record(s) gave no pair (tied scores or margin)")
         if self.identical:
             notes.append(f"{len(self.identical)} kept pair(s) with chosen == rejected")
         if self.truncated:
@@ -123,6 +146,7 @@ class DataReport:
         out = dataclasses.asdict(self)
         out["skipped"] = [p.to_json() for p in self.skipped]
         out["identical"] = list(self.identical)
+        out["no_pair"] = list(self.no_pair)
         return out
 
     @classmethod
@@ -130,6 +154,7 @@ class DataReport:
         data = dict(data)
         data["skipped"] = tuple(Problem(**p) for p in data["skipped"])
         data["identical"] = tuple(data["identical"])
+        data["no_pair"] = tuple(data.get("no_pair", ()))
         return cls(**data)
 
 
@@ -189,10 +214,10 @@ def check_record(raw: RawRecord, fields: Fields, fmt: Format) -> Pair | Problem:
         return Problem(raw.index, kind, reason, field, raw.line)
 
     if raw.error is not None:
-        return problem("unparseable", raw.error)
+        return problem(raw.error_kind, raw.error, raw.error_field)
     value = raw.value
     if not isinstance(value, dict):
-        return problem("not-an-object", f"a record must be an object, found {_type_name(value)}")
+        return problem("not-an-object", f"a record must be an object, found {type_name(value)}")
     names = [fields.chosen, fields.rejected]
     if fmt.implicit_prompt:
         if fields.prompt in value:
@@ -229,21 +254,21 @@ def _check_text(value: Any, name: str, conversational: bool) -> tuple[str, str, 
     """``(kind, reason, field)`` when ``value`` is not a valid text of the format, else ``None``."""
     if not conversational:
         if not isinstance(value, str):
-            return ("wrong-type", f"expected a string, found {_type_name(value)} (a data set is "
+            return ("wrong-type", f"expected a string, found {type_name(value)} (a data set is "
                     f"conversational only if its first record's chosen field is a list)", name)
         return _check_utf8(value, name)
     if not isinstance(value, list):
-        return ("wrong-type", f"expected a list of messages, found {_type_name(value)} (the first "
+        return ("wrong-type", f"expected a list of messages, found {type_name(value)} (the first "
                 f"record is conversational)", name)
     for i, message in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(message, dict):
-            return ("wrong-type", f"a message must be an object, found {_type_name(message)}", where)
+            return ("wrong-type", f"a message must be an object, found {type_name(message)}", where)
         for key in ("role", "content"):
             if key not in message or message[key] is None:
                 return ("missing-field", "missing field", f"{where}.{key}")
             if not isinstance(message[key], str):
-                return ("wrong-type", f"expected a string, found {_type_name(message[key])}",
+                return ("wrong-type", f"expected a string, found {type_name(message[key])}",
                         f"{where}.{key}")
             bad = _check_utf8(message[key], f"{where}.{key}")
             if bad:
@@ -265,7 +290,7 @@ def _is_empty(text: Text) -> bool:
     return not any(m["content"].strip() for m in text)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 

@@ -2,9 +2,9 @@
 
 Four steps, each with a progress bar, all outputs in one folder (default ``./demo_out``):
 
-1. **CHES** (:func:`jaxalign.analysis.ches_run.run_ches`): CHES, LN-CHES and the two baselines of every
+1. **CHES** (:func:`jaxalign.jobs.ches.run_ches`): CHES, LN-CHES and the two baselines of every
    pair (Razin et al., ICLR 2025).
-2. **Entanglement** (:func:`jaxalign.analysis.entanglement_run.run_entangle`): ‖g_w‖², ‖g_l‖², ⟨g_w, g_l⟩
+2. **Entanglement** (:func:`jaxalign.jobs.entangle.run_entangle`): ‖g_w‖², ‖g_l‖², ⟨g_w, g_l⟩
    and DPO's predicted change of both log-probs for a sample of the trained pairs (Yuan et al., ICLR 2025).
 3. **Two DPO runs** (:func:`jaxalign.train.loop.train`) from the same start with the same
    hyper-parameters, one on the highest-LN-CHES pairs and one on the lowest; the ledger records the

@@ -136,7 +136,7 @@ class StepLog:
 
 def resolve_model(path: str) -> str:
     """The model file or folder (``pkg:MODULE/FILE`` located in its package); ``ConfigError`` if missing."""
-    from jaxalign.train.loop import resolve_model_path
+    from jaxalign.models.paths import resolve_model_path
 
     resolved = resolve_model_path(path)
     p = Path(resolved)
@@ -159,12 +159,6 @@ def check_data(source: str) -> None:
     if not Path(source).exists():
         raise ConfigError(f"--data {source}: no such file or folder (or a built-in name; "
                           "`jaxalign data list` shows them)")
-
-
-def _model_stamp(path: str) -> list:
-    from jaxalign.analysis import jobs
-
-    return jobs.model_stamp(path)
 
 
 def prepare_data(settings: Settings, tokenizer, folder: Path) -> None:
@@ -215,12 +209,13 @@ def select_subsets(settings: Settings, out: Path) -> None:
     slices 1 and 0). The entanglement sample takes ``entangle_size / 2`` pairs of each subset, evenly
     spaced in LN-CHES.
     """
-    from jaxalign.analysis import ches_run, filtering
+    from jaxalign.analysis import filtering
+    from jaxalign.data.batch import bucket_length
 
     table = store.read_table(out / "ches" / "scores.parquet")
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     index, ln = col("index").astype(np.int64), col("ln_ches").astype(np.float64)
-    shapes = [(ches_run.bucket(int(p)), ches_run.bucket(int(max(c, r))))
+    shapes = [(bucket_length(int(p), "jobs"), bucket_length(int(max(c, r)), "jobs"))
               for p, c, r in zip(col("prompt_len"), col("chosen_len"), col("rejected_len"))]
     common, count = Counter(shapes).most_common(1)[0]
     ok = np.isfinite(ln)
@@ -354,17 +349,18 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
             loaded["model"] = (model, tokenizer)
         return loaded["model"]
 
-    common = {"model": os.path.abspath(model_path), "model_files": _model_stamp(model_path)}
+    common = {"model": os.path.abspath(model_path), "model_digest": store.model_digest(model_path)}
     data_key = steps.run(
         "data", dict(common, data=settings.data, pairs=settings.pairs, chat=settings.chat,
                      data_stamp=_data_stamp(settings.data)),
         [out / "data"], lambda: prepare_data(settings, model_and_tokenizer()[1], out / "data"),
         label="[0/4] preparing the pairs")
 
-    from jaxalign.analysis import ches_run, entanglement_run
+    from jaxalign.jobs import ches as ches_job
+    from jaxalign.jobs import entangle as entangle_job
 
     def ches():
-        ches_run.run_ches(model_path, str(out / "data" / "pairs.jsonl"), str(out / "ches"), batch_size=8,
+        ches_job.run_ches(model_path, str(out / "data" / "pairs.jsonl"), str(out / "ches"), batch_size=8,
                           max_length=settings.max_length, on_bad_record="skip", overwrite=True,
                           model_and_tokenizer=model_and_tokenizer(), progress=progress)
 
@@ -377,7 +373,7 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
         lambda: select_subsets(settings, out), label="      choosing the highest- and lowest-LN-CHES pairs")
 
     def entangle():
-        entanglement_run.run_entangle(
+        entangle_job.run_entangle(
             model_path, str(out / "data" / "entangle.jsonl"), str(out / "entangle"), loss="sigmoid",
             beta=settings.beta, method="auto", batch_size=8, max_length=settings.max_length,
             on_bad_record="skip", overwrite=True, model_and_tokenizer=model_and_tokenizer(),

@@ -19,8 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign import store
-from jaxalign.analysis.ches_run import MEASURES  # the score columns of scores.parquet
+from jaxalign import plots, store
+from jaxalign.analysis import stats
+from jaxalign.analysis.entanglement import CASES
+from jaxalign.jobs.ches import MEASURES  # the score columns of scores.parquet
+from jaxalign.report import Report, save_figure
 
 SUBSETS = ("high", "low")
 SUBSET_NAMES = {"high": "highest LN-CHES", "low": "lowest LN-CHES"}
@@ -44,7 +47,6 @@ def measure(out: str | Path) -> dict[str, Any]:
     pairs whose y+ fell, final metrics), ``spearman`` (measure → {all, high, low}: ρ with the realised
     Δ log π(y+)), ``entangle`` (per probed pair and the case fractions), and ``trajectories``.
     """
-    from jaxalign.analysis import ches_run
     from jaxalign.train.ledger import read_ledger
 
     out = Path(out)
@@ -84,8 +86,8 @@ def measure(out: str | Path) -> dict[str, Any]:
     spearman = {}
     for m in MEASURES:
         x = np.array([r[m] for r in rows])
-        spearman[m] = {"all": ches_run.spearman(x, d_all),
-                       **{s: ches_run.spearman(x[which == s], d_all[which == s]) for s in SUBSETS}}
+        spearman[m] = {"all": stats.spearman(x, d_all),
+                       **{s: stats.spearman(x[which == s], d_all[which == s]) for s in SUBSETS}}
     return {"pairs": rows, "subsets": per_subset, "spearman": spearman,
             "entangle": _entangle(out, rows), "trajectories": trajectories, "metrics": metrics,
             "scores": {m: _column(scores, m).astype(np.float64) for m in MEASURES},
@@ -98,7 +100,6 @@ def _se(x: np.ndarray) -> float:
 
 def _entangle(out: Path, rows: list[dict]) -> dict[str, Any]:
     """Per probed pair: case, cosine, predicted Δ (η = 1) and the realised Δ of its training run."""
-    from jaxalign.analysis import ches_run
     from jaxalign.analysis.entanglement import CASES
 
     table = store.read_table(out / "entangle" / "pairs.parquet")
@@ -125,8 +126,8 @@ def _entangle(out: Path, rows: list[dict]) -> dict[str, Any]:
     real_l = np.array([p["d_rejected"] for p in probed])
     summary = store.read_json(out / "entangle" / "summary.json")
     return {"pairs": probed, "case_fractions": fractions, "method": summary.get("methods_used"),
-            "spearman_chosen": ches_run.spearman(pred, real),
-            "spearman_rejected": ches_run.spearman(pred_l, real_l),
+            "spearman_chosen": stats.spearman(pred, real),
+            "spearman_rejected": stats.spearman(pred_l, real_l),
             "sign_agreement_chosen": float(np.mean((pred < 0) == (real < 0))) if pred.size else None,
             "sign_agreement_rejected": float(np.mean((pred_l < 0) == (real_l < 0))) if pred.size else None}
 
@@ -152,25 +153,12 @@ def subset_table(m: dict) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
-def write_report(out: str | Path, run: dict) -> dict:
-    """Measures (:func:`measure`), draws the figures and writes ``report.md``, ``report.html`` and
-    ``summary.json`` into ``out``; ``run`` holds the settings, step log, machine and timings."""
-    from jaxalign import plots
-    from jaxalign.analysis.entanglement import CASES
-    from jaxalign.report import Report, save_figure
+_CTX = tuple("out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name".split(", "))  # what every section reads
 
-    out = Path(out)
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
-    m = measure(out)
-    st = run["settings"]
-    data_info = store.read_json(out / "data" / "pairs_index.json")
-    ches_summary = store.read_json(out / "ches" / "summary.json")
-    ent = m["entangle"]
-    hi, lo = m["subsets"]["high"], m["subsets"]["low"]
-    model_name = Path(run["model_path"]).name
 
-    rep = Report(f"Likelihood displacement and gradient entanglement: {model_name} on {st['data']}")
+def _intro_section(rep, c: dict) -> None:
+    """The title paragraph: what the run measures."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.text(
         "DPO trains a model to prefer a chosen response y+ over a rejected y−, yet it often makes y+ *less* "
         "likely: **likelihood displacement** (Razin et al., ICLR 2025). The CHES score of a pair, computed "
@@ -182,6 +170,11 @@ def write_report(out: str | Path, run: dict) -> dict:
         "— and checks the prediction. Every number below comes from this run "
         f"({'--quick, ' if st['quick'] else ''}{run['wall_seconds']:.0f} s of wall time).")
 
+
+
+def _result_section(rep, c: dict) -> None:
+    """The headline table, the two numbers and the bar chart."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("The result")
     headers, rows = subset_table(m)
     rep.table(headers, rows)
@@ -203,6 +196,11 @@ def write_report(out: str | Path, run: dict) -> dict:
     rep.figure(save_figure(fig, figs / "subset_bars.png"), "Mean change of log π(y+|x) per training subset, "
                "with standard errors over pairs")
 
+
+
+def _setup_section(rep, c: dict) -> None:
+    """Model, data, subsets and training settings."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("Setup")
     lr = st["lr"]
     rep.text(
@@ -220,6 +218,11 @@ def write_report(out: str | Path, run: dict) -> dict:
         f"evenly spaced in LN-CHES), all parameters, method "
         + ", ".join(f"{v} ({k.replace('x', ' + ')} padded tokens)" for k, v in (ent["method"] or {}).items()) + ".")
 
+
+
+def _ches_section(rep, c: dict) -> None:
+    """1. CHES of every pair before training."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("1. CHES before training")
     rep.text(
         "CHES = ⟨S(y+), S(y−)⟩ − ‖S(y+)‖² with S(y) the sum of the last hidden states over the response; "
@@ -231,6 +234,11 @@ def write_report(out: str | Path, run: dict) -> dict:
               [[MEASURE_NAMES[a]] + [sp[a][b] for b in MEASURES] for a in MEASURES], digits=3)
     rep.figure(out / "ches" / "ches_hist.png", "CHES and LN-CHES of every scored pair")
 
+
+
+def _prediction_section(rep, c: dict) -> None:
+    """2. Scores against the realised change of log π(y+)."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("2. Does the score predict the fall of log π(y+)?")
     rep.text("Spearman ρ between each score before training and the realised Δ log π(y+|x) of the pair in "
              "its run (all trained pairs, and within each subset):")
@@ -239,10 +247,12 @@ def write_report(out: str | Path, run: dict) -> dict:
                for s in MEASURES], digits=3)
     score = np.array([r["ches"] for r in m["pairs"]])
     change = np.array([r["d_chosen"] for r in m["pairs"]])
-    rep.figure(save_figure(plots.score_vs_change(score, change, score_name="CHES before training"),
+    rep.figure(save_figure(plots.score_vs_change(score, change, rho=stats.spearman(score, change),
+                                                 score_name="CHES before training"),
                            figs / "ches_vs_change.png"), "CHES against the realised Δ log π(y+|x), all trained pairs")
     ln = np.array([r["ln_ches"] for r in m["pairs"]])
-    rep.figure(save_figure(plots.score_vs_change(ln, change, score_name="LN-CHES before training"),
+    rep.figure(save_figure(plots.score_vs_change(ln, change, rho=stats.spearman(ln, change),
+                                                 score_name="LN-CHES before training"),
                            figs / "ln_ches_vs_change.png"), "LN-CHES against the realised Δ log π(y+|x)")
     for name in SUBSETS:
         t = m["trajectories"][name]
@@ -251,6 +261,11 @@ def write_report(out: str | Path, run: dict) -> dict:
         rep.figure(save_figure(fig, figs / f"logps_{name}.png"),
                    f"log π(y+|x) and log π(y−|x) of every {SUBSET_NAMES[name]} pair during its run")
 
+
+
+def _entanglement_section(rep, c: dict) -> None:
+    """3. The entanglement cases of the probed pairs."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("3. Gradient entanglement under DPO")
     cf = ent["case_fractions"]
     rep.text(
@@ -264,6 +279,11 @@ def write_report(out: str | Path, run: dict) -> dict:
     rep.figure(save_figure(plots.cosine_histogram(cos), figs / "cosines.png"),
                "cos(g+, g−) of the probed pairs, per subset")
 
+
+
+def _predicted_section(rep, c: dict) -> None:
+    """4. First-order predictions against realised changes."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("4. Predicted against realised changes")
     rep.text(
         "The prediction is first order, for one SGD step (η = 1) on one pair; the runs take "
@@ -278,10 +298,16 @@ def write_report(out: str | Path, run: dict) -> dict:
                for p in sorted(ent["pairs"], key=lambda p: -p["ln_ches"])])
     pred = np.array([p["pred_dlogp_chosen"] for p in ent["pairs"]])
     real = np.array([p["d_chosen"] for p in ent["pairs"]])
-    rep.figure(save_figure(plots.score_vs_change(pred, real, score_name="predicted Δ log π(y+|x) (η = 1, nats)"),
+    rep.figure(save_figure(plots.score_vs_change(pred, real, rho=stats.spearman(pred, real),
+                                                 score_name="predicted Δ log π(y+|x) (η = 1, nats)"),
                            figs / "predicted_vs_realised.png"),
                "First-order predicted change of log π(y+|x) against the realised change, probed pairs")
 
+
+
+def _timings_section(rep, c: dict) -> None:
+    """Training curves, timings and the machine."""
+    out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("Training curves")
     for name in SUBSETS:
         rep.figure(save_figure(plots.training_curves(m["metrics"][name], title=f"{SUBSET_NAMES[name]} run"),
@@ -306,14 +332,37 @@ def write_report(out: str | Path, run: dict) -> dict:
     rep.text("Files: `ches/scores.parquet` (every pair's scores), `entangle/pairs.parquet` (probed pairs), "
              "`train/high`, `train/low` (metrics.jsonl, ledger.zarr), `data/` (the pairs and subsets), "
              "`summary.json` (the numbers of this report).")
+
+_SECTIONS = (_intro_section, _result_section, _setup_section, _ches_section, _prediction_section,
+             _entanglement_section, _predicted_section, _timings_section)
+
+
+def write_report(out: str | Path, run: dict) -> dict:
+    """Measures (:func:`measure`), draws the figures and writes ``report.md``, ``report.html`` and
+    ``summary.json`` into ``out``; ``run`` holds the settings, step log, machine and timings."""
+    out = Path(out)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    m = measure(out)
+    st = run["settings"]
+    data_info = store.read_json(out / "data" / "pairs_index.json")
+    ches_summary = store.read_json(out / "ches" / "summary.json")
+    ent = m["entangle"]
+    hi, lo = m["subsets"]["high"], m["subsets"]["low"]
+    model_name = Path(run["model_path"]).name
+
+    c = dict(zip(_CTX, (out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name)))
+    rep = Report(f"Likelihood displacement and gradient entanglement: {model_name} on {st['data']}")
+    for write_section in _SECTIONS:
+        write_section(rep, c)
     md, html = rep.write(out)
     summary = {"report_md": str(md), "report_html": str(html), "subsets": m["subsets"],
                "spearman": m["spearman"], "case_fractions": ent["case_fractions"],
                "predicted_vs_realised": {k: ent[k] for k in ("spearman_chosen", "spearman_rejected",
                                                              "sign_agreement_chosen", "sign_agreement_rejected")},
                "pairs": m["pairs"], "entangle_pairs": ent["pairs"], "steps": run["steps"],
-               "reused": run["reused"], "wall_seconds": run["wall_seconds"], "machine": mach,
-               "load_before": lb, "load_after": la, "settings": st}
+               "reused": run["reused"], "wall_seconds": run["wall_seconds"], "machine": run["machine"],
+               "load_before": run["load_before"], "load_after": run["load_after"], "settings": st}
     store.write_json(out / "summary.json", summary)
     return summary
 

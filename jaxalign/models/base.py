@@ -357,11 +357,14 @@ class Einsum(nnx.Module):
         self.kernel = _param(rngs, nnx.initializers.normal(stddev), kernel_shape, kernel_axes, param_dtype)
         self.bias = (None if bias_shape is None else
                      _param(rngs, nnx.initializers.zeros_init(), bias_shape, bias_axes, param_dtype))
+        self.lora = nnx.data(None)  # a jaxalign.models.lora.LoRA adapter, added by lora.apply
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None and self.lora.enabled:
+            y = y + self.lora(x)
         return y
 
 

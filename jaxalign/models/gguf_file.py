@@ -14,6 +14,14 @@ Two layout differences are undone:
   "rotate half" halves) are interleaved as ``0, H/2, 1, H/2+1, …``. We invert that per head
   (``n_kv_heads`` heads for ``k``). Architectures with NeoX-style RoPE (``qwen2``) are stored unpermuted.
 * GPT-2's ``Conv1D`` weights are ``[in, out]`` in HF and ``[out, in]`` in GGUF: transposed back.
+* llama.cpp stores Gemma's RMSNorm weights as ``1 + w`` (its norm multiplies by the weight alone):
+  ``1`` is subtracted again from every ``*norm.weight`` of ``gemma3``.
+
+What llama.cpp does not write to the metadata but hard-codes for ``gemma3`` is filled in the same way:
+every sixth layer global, the others sliding; a RoPE base of 10 000 on sliding layers (the metadata's
+``rope.freq_base`` and any ``rope.scaling`` are the global layers'); ``query_pre_attn_scalar`` the head
+dim (``hidden / heads`` for the 62-layer 27B). Phi-3's fused ``attn_qkv`` and ``ffn_up`` (gate and up)
+keep HF's row order; a Phi-3 GGUF with LongRoPE factors (``rope_factors_long.weight``) is refused.
 
 Supported ``general.architecture`` values: see :data:`SUPPORTED_ARCHITECTURES`.
 """
@@ -31,9 +39,12 @@ from jaxalign.errors import ModelError
 from jaxalign.models.hf_folder import LazyTensor
 
 # GGUF architecture -> HF model_type.
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text",
+                           "phi3": "phi3", "gpt2": "gpt2"}
 
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10000.0  # hard-coded in llama.cpp, not in the metadata
 
 
 class GGUFFile:
@@ -144,7 +155,7 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     hidden, heads = int(g.get("embedding_length")), int(g.get("attention.head_count"))
     head_dim = int(g.get("attention.key_length", hidden // heads))
     rope_dim = int(g.get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and arch != "phi3":
         raise ModelError(f"{g.path}: partial rotary embedding ({arch}.rope.dimension_count={rope_dim}, "
                          f"head dim {head_dim}) is not supported for {arch}")
     theta = _f32(g.get("rope.freq_base", 10000.0))
@@ -169,7 +180,29 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     }
     if arch == "llama":
         config |= {"attention_bias": "blk.0.attn_q.bias" in g.tensors, "mlp_bias": False}
+    if arch == "gemma3":
+        del config["hidden_act"]  # Gemma 3 reads hidden_activation
+        config |= _gemma3_config(g, config)
+    if arch == "phi3":
+        if "rope_factors_long.weight" in g.tensors:
+            raise ModelError(f"{g.path}: a phi3 GGUF with LongRoPE factors (rope_factors_long.weight) is not "
+                             "supported; load the Hugging Face folder instead")
+        window = g.get("attention.sliding_window", None)
+        config |= {"partial_rotary_factor": rope_dim / head_dim, "sliding_window": int(window) if window else None,
+                   "original_max_position_embeddings": config["max_position_embeddings"]}
     return config
+
+
+def _gemma3_config(g: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``gemma3_text`` keys of a llama.cpp ``gemma3`` GGUF (see the module docstring)."""
+    layers, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+    types = ["sliding_attention" if (i + 1) % _GEMMA3_PATTERN else "full_attention" for i in range(layers)]
+    local = {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_THETA}
+    return {"hidden_activation": "gelu_pytorch_tanh", "layer_types": types,
+            "sliding_window": int(g.get("attention.sliding_window")),
+            "query_pre_attn_scalar": hidden // heads if layers == 62 else config["head_dim"],
+            "rope_parameters": {"full_attention": config["rope_parameters"], "sliding_attention": local},
+            "rope_local_base_freq": _GEMMA3_LOCAL_THETA}
 
 
 # --- tensors -------------------------------------------------------------------------------------------
@@ -200,6 +233,31 @@ _LLAMA_RULES: list[_Rule] = [
     (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{0}.mlp.down_proj.weight", ""),
 ]
 
+_NORM = "norm_shift"
+_GEMMA3_RULES: list[_Rule] = [
+    (r"token_embd\.weight", "model.embed_tokens.weight", ""),
+    (r"output_norm\.weight", "model.norm.weight", _NORM),
+    (r"output\.weight", "lm_head.weight", ""),
+    (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight", _NORM),
+    (r"blk\.(\d+)\.post_attention_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight", _NORM),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.pre_feedforward_layernorm.weight", _NORM),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", "model.layers.{0}.post_feedforward_layernorm.weight", _NORM),
+    (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight", _NORM),
+    (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight", _NORM),
+    *[r for r in _LLAMA_RULES if r[0].startswith("blk") and "norm" not in r[0]],  # projections
+]
+
+_QK_NORM_RULES: list[_Rule] = [
+    (r"blk\.(\d+)\.attn_q_norm\.weight", "model.layers.{0}.self_attn.q_norm.weight", ""),
+    (r"blk\.(\d+)\.attn_k_norm\.weight", "model.layers.{0}.self_attn.k_norm.weight", ""),
+]
+
+_PHI3_RULES: list[_Rule] = [
+    (r"blk\.(\d+)\.attn_qkv\.weight", "model.layers.{0}.self_attn.qkv_proj.weight", ""),
+    (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.gate_up_proj.weight", ""),
+    *[r for r in _LLAMA_RULES if not re.search(r"attn_[qkv]\\|ffn_(up|gate)", r[0])],
+]
+
 _GPT2_RULES: list[_Rule] = [
     (r"token_embd\.weight", "transformer.wte.weight", ""),
     (r"position_embd\.weight", "transformer.wpe.weight", ""),
@@ -217,12 +275,15 @@ _GPT2_RULES: list[_Rule] = [
     (r"blk\.(\d+)\.ffn_down\.bias", "transformer.h.{0}.mlp.c_proj.bias", ""),
 ]
 
-_RULES = {"llama": _LLAMA_RULES, "qwen2": _LLAMA_RULES, "gpt2": _GPT2_RULES}
+_RULES = {"llama": _LLAMA_RULES, "qwen2": _LLAMA_RULES, "qwen3": _LLAMA_RULES + _QK_NORM_RULES,
+          "gemma3": _GEMMA3_RULES, "phi3": _PHI3_RULES, "gpt2": _GPT2_RULES}
 
 
 def _transform(kind: str, arch: str, config: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
     if kind == "transpose":
         return lambda w: np.ascontiguousarray(w.T)
+    if kind == _NORM:
+        return lambda w: w - np.asarray(1, w.dtype)
     if kind in ("rope_q", "rope_k") and arch == "llama":  # NeoX-RoPE architectures are not permuted
         heads = config["num_attention_heads"] if kind == "rope_q" else config["num_key_value_heads"]
         return lambda w: _unpermute_rows(w, heads)

@@ -4,8 +4,9 @@ A :class:`Rule` pairs an HF name template with one or more of our parameter path
 index) and two transforms: HF array → our arrays, and back. Linear weights are ``[out, in]`` in HF
 (``nn.Linear``) and ``[in, out]`` here with the head dims kept apart (``[D, N, H]``); GPT-2's
 ``Conv1D`` weights are already ``[in, out]``; fused q/k/v (GPT-2 ``c_attn``: ``[D, (3, N, H)]``;
-GPT-NeoX ``query_key_value``: ``[(N, 3, H), D]``, interleaved per head) are split into
-``q_proj``/``k_proj``/``v_proj``.
+GPT-NeoX ``query_key_value``: ``[(N, 3, H), D]``, interleaved per head; Phi-3 ``qkv_proj``:
+``[(N·H | K·H | K·H), D]``) are split into ``q_proj``/``k_proj``/``v_proj``, and Phi-3's
+``gate_up_proj`` ``[(F | F), D]`` into ``gate_proj``/``up_proj``.
 
 :func:`from_hf_tensors` builds the model abstractly (``nnx.eval_shape``), fills every parameter (directly
 in its sharding when a mesh is given) and raises one :class:`~jaxalign.errors.ModelError` listing every
@@ -38,7 +39,13 @@ class Rule:
     to_hf: Callable[[tuple[np.ndarray, ...], Any], np.ndarray]
 
     def hf_regex(self) -> re.Pattern:
-        return re.compile(re.escape(self.hf).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+        pattern = re.escape(self.hf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+        return re.compile(pattern + "$")
+
+    @property
+    def per_expert(self) -> bool:
+        """One HF tensor per expert ``{e}``, each one slice ``[e]`` of our stacked ``[E, …]`` parameter."""
+        return "{e}" in self.hf
 
     def ours_regex(self) -> re.Pattern:
         return re.compile(re.escape(self.ours[0]).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
@@ -51,6 +58,7 @@ class Table:
     rules: tuple[Rule, ...]
     ignored: tuple[str, ...] = ()  # regexes of HF buffers that carry no parameter
     prefix: str = ""  # added to names that lack it (GPT-2 checkpoints without "transformer.")
+    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) applied to names before matching
 
 
 # --- transforms ----------------------------------------------------------------------------------
@@ -151,6 +159,27 @@ def _neox_qkv_bias_back(parts, cfg):
     return np.stack(parts, axis=1).reshape(-1)
 
 
+def _phi3_qkv(x, cfg):
+    """``qkv_proj.weight`` ``[(N·H | K·H | K·H), D]`` → q ``[D, N, H]``, k, v ``[D, K, H]``."""
+    H = cfg.head_dim
+    q, k, v = np.split(x, [cfg.num_heads * H, (cfg.num_heads + cfg.num_kv_heads) * H])
+    return tuple(w.T.reshape(x.shape[1], -1, H) for w in (q, k, v))
+
+
+def _phi3_qkv_back(parts, cfg):
+    return np.concatenate([p.reshape(p.shape[0], -1).T for p in parts], axis=0)
+
+
+def _phi3_gate_up(x, cfg):
+    """``gate_up_proj.weight`` ``[(F | F), D]`` → gate, up ``[D, F]``."""
+    gate, up = np.split(x, 2)
+    return gate.T, up.T
+
+
+def _phi3_gate_up_back(parts, cfg):
+    return np.concatenate([p.T for p in parts], axis=0)
+
+
 def _rule(hf, ours, fwd=_same, back=_same_back):
     return Rule(hf, (ours,) if isinstance(ours, str) else tuple(ours), fwd, back)
 
@@ -189,6 +218,35 @@ def _llama_table(placement: str) -> Table:
         rules.append(_rule(m + name + ".weight", O + "mlp." + name + ".kernel", _transpose, _transpose_back))
         rules.append(_rule(m + name + ".bias", O + "mlp." + name + ".bias"))
     return Table(tuple(rules), ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
+
+
+def _phi3_table() -> Table:
+    """Phi-3: Llama's names except the fused ``qkv_proj`` and ``gate_up_proj``."""
+    L, O = "model.layers.{i}.", "layers.{i}."
+    fused = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    rules = [r for r in _llama_table("pre").rules
+             if not any(f".{name}." in r.hf for name in fused) and "_norm." not in r.hf]
+    rules += [
+        _rule(L + "self_attn.qkv_proj.weight", tuple(O + f"attn.{n}_proj.kernel" for n in "qkv"),
+              _phi3_qkv, _phi3_qkv_back),
+        _rule(L + "mlp.gate_up_proj.weight", (O + "mlp.gate_proj.kernel", O + "mlp.up_proj.kernel"),
+              _phi3_gate_up, _phi3_gate_up_back),
+    ]
+    return Table(tuple(rules), ignored=_llama_table("pre").ignored)
+
+
+def _moe_table(model_type: str) -> Table:
+    """Mixtral / Qwen3-MoE: Llama's names (Qwen3-MoE's dense layers included) plus a router and per-expert
+    MLP tensors, stacked into ``[E, …]`` kernels here."""
+    L, O = "model.layers.{i}.", "layers.{i}.mlp."
+    block, names = {"mixtral": ("block_sparse_moe.", ("w1", "w3", "w2")),
+                    "qwen3_moe": ("mlp.", ("gate_proj", "up_proj", "down_proj"))}[model_type]
+    rules = list(_llama_table("pre").rules) + [
+        _rule(L + block + "gate.weight", O + "router.kernel", _transpose, _transpose_back)]
+    for hf, ours in zip(names, ("expert_gate", "expert_up", "expert_down")):
+        rules.append(_rule(L + block + "experts.{e}." + hf + ".weight", O + ours + ".kernel", _transpose,
+                           _transpose_back))
+    return Table(tuple(rules), ignored=_llama_table("pre").ignored)
 
 
 def _gpt2_table() -> Table:
@@ -248,8 +306,19 @@ TABLES: dict[str, Table] = {
     "llama": _llama_table("pre"),
     "mistral": _llama_table("pre"),
     "qwen2": _llama_table("pre"),
+    "qwen3": _llama_table("pre"),
     "gemma": _llama_table("pre"),
     "gemma2": _llama_table("sandwich"),
+    "gemma3_text": _llama_table("sandwich"),
+    "phi3": _phi3_table(),
+    "mixtral": _moe_table("mixtral"),
+    "qwen3_moe": _moe_table("qwen3_moe"),
+    # Gemma 3 image-text checkpoints: the text decoder's tensors (transformers 5 and 4 names); the vision
+    # tower and projector carry no parameter of the text model.
+    "gemma3": Table(_llama_table("sandwich").rules, ignored=_llama_table("sandwich").ignored
+                    + (r"(model\.)?(vision_tower|multi_modal_projector)\..*",),
+                    renames=((r"^model\.language_model\.", "model."), (r"^language_model\.model\.", "model."),
+                             (r"^language_model\.lm_head\.", "lm_head."))),
     "olmo": _llama_table("pre"),
     "olmo2": _llama_table("post"),
     "gpt2": _gpt2_table(),
@@ -264,11 +333,12 @@ def _path_str(path) -> str:
 
 
 def _match(table: Table, name: str):
+    """``(rule, layer index, expert index)`` of HF name ``name`` (``None``s when no rule takes it)."""
     for rule in table.rules:
         m = rule.hf_regex().match(name)
         if m:
-            return rule, m.groupdict().get("i")
-    return None, None
+            return rule, m.groupdict().get("i"), m.groupdict().get("e")
+    return None, None, None
 
 
 def abstract_model(model_type: str, cfg, *, dtype=jnp.float32, param_dtype=None, remat: str | None = None):
@@ -312,13 +382,16 @@ def from_hf_tensors(family: str | None, cfg, tensors: Mapping[str, Any], *, dtyp
     tied = getattr(cfg, "tie_word_embeddings", False)
     errors: list[str] = []
     filled: set[str] = set()
+    stacks: dict[str, dict[int, np.ndarray]] = {}  # stacked expert parameter -> expert index -> slice
     for name in sorted(tensors):
         hf_name = name
         if table.prefix and not name.startswith(table.prefix) and not name.startswith("lm_head."):
             hf_name = table.prefix + name
+        for pattern, replacement in table.renames:
+            hf_name = re.sub(pattern, replacement, hf_name)
         if any(r.match(hf_name) for r in ignored) or (tied and hf_name == "lm_head.weight"):
             continue
-        rule, i = _match(table, hf_name)
+        rule, i, e = _match(table, hf_name)
         if rule is None:
             errors.append(f"{name}: no {model_type} parameter takes this tensor")
             continue
@@ -330,6 +403,8 @@ def from_hf_tensors(family: str | None, cfg, tensors: Mapping[str, Any], *, dtyp
             continue
         host = np.asarray(tensors[name])
         want = [tuple(params[t].get_value().shape) for t in targets]
+        if rule.per_expert:
+            want = [w[1:] for w in want]
         try:
             parts = rule.to_ours(host, cfg)
             bad = [(t, p.shape, w) for t, p, w in zip(targets, parts, want) if tuple(p.shape) != w]
@@ -339,16 +414,41 @@ def from_hf_tensors(family: str | None, cfg, tensors: Mapping[str, Any], *, dtyp
             errors.append(f"{name}: shape {tuple(host.shape)} does not fit {bad[0][0]} {bad[0][2]}")
             filled.update(targets)  # reported here, not again as missing
             continue
+        if rule.per_expert:
+            experts = stacks.setdefault(targets[0], {})
+            experts[int(e)] = parts[0]
+            continue
         for t, part in zip(targets, parts):
             var = params[t]
             _fill(var, np.array(part, dtype=param_dtype, order="C"), mesh)  # our own copy: no aliasing
             filled.add(t)
+    errors += _fill_stacks(stacks, params, param_dtype, mesh)
+    filled.update(stacks)
     for t in sorted(set(params) - filled):
         errors.append(f"missing tensor for parameter {t} {tuple(params[t].get_value().shape)}")
     if errors:
         raise ModelError(f"cannot load the {model_type} weights ({len(errors)} problem"
                          f"{'s' if len(errors) > 1 else ''}):\n  " + "\n  ".join(errors))
     return nnx.merge(graphdef, state)
+
+
+def _fill_stacks(stacks: dict[str, dict[int, np.ndarray]], params: dict, param_dtype, mesh) -> list[str]:
+    """Fills each stacked ``[E, …]`` expert parameter from its per-expert slices; returns the errors
+    (experts without a tensor, or tensors for experts the config does not have)."""
+    errors = []
+    for t, experts in stacks.items():
+        var = params[t]
+        count = var.get_value().shape[0]
+        absent = sorted(set(range(count)) - set(experts))
+        extra = sorted(set(experts) - set(range(count)))
+        if absent:
+            errors.append(f"{t}: no tensor for expert(s) {', '.join(map(str, absent[:10]))}")
+        if extra:
+            errors.append(f"{t}: tensor(s) for expert(s) {', '.join(map(str, extra[:10]))} but the config "
+                          f"has {count} experts")
+        if not absent and not extra:
+            _fill(var, np.stack([experts[x] for x in range(count)]).astype(param_dtype), mesh)
+    return errors
 
 
 def _fill(var: nnx.Variable, host: np.ndarray, mesh) -> None:
@@ -381,7 +481,12 @@ def to_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
             if used.intersection(targets):
                 raise ValueError(f"{cfg.model_type} table maps {targets} twice")
             parts = tuple(np.asarray(jax.device_get(flat[t].get_value())) for t in targets)
-            out[rule.hf.replace("{i}", i)] = np.ascontiguousarray(rule.to_hf(parts, cfg))
+            hf_name = rule.hf.replace("{i}", i)
+            if rule.per_expert:
+                for e, part in enumerate(parts[0]):
+                    out[hf_name.replace("{e}", str(e))] = np.ascontiguousarray(rule.to_hf((part,), cfg))
+            else:
+                out[hf_name] = np.ascontiguousarray(rule.to_hf(parts, cfg))
             used.update(targets)
     unused = sorted(set(flat) - used)
     if unused:

@@ -24,11 +24,10 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
-
+from jaxalign import config as config_lib
+from jaxalign import losses
 from jaxalign.errors import ConfigError
-from jaxalign.train.config import OptimConfig
-from jaxalign.train.config import build_dataclass, apply_overrides, flatten, loss_terms
+from jaxalign.train.config import OptimConfig, loss_terms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,35 +175,25 @@ def _validate(cfg: OnlineConfig) -> OnlineConfig:
         raise ConfigError("gold.chars: required with gold.kind: charset")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype: expected float32 or bfloat16, got {cfg.model.dtype!r}")
-    loss_terms(cfg.loss)
+    terms = loss_terms(cfg.loss)  # the list's shape; then loss names, option types and ranges
+    losses.check_options([t[0] for t in terms] if isinstance(cfg.loss.name, list) else cfg.loss.name,
+                         {k: v for t in terms for k, v in t[2].items()}, key="loss.name")
     return cfg
 
 
 def from_dict(raw: dict, overrides=()) -> OnlineConfig:
     """Builds and validates an :class:`OnlineConfig` from plain data and dotted overrides."""
-    return _validate(build_dataclass(OnlineConfig, apply_overrides(raw or {}, list(overrides))))
+    return config_lib.from_dict(OnlineConfig, raw, overrides, _validate)
 
 
 def load(path: str | Path, overrides=()) -> OnlineConfig:
     """Reads a YAML run file and applies ``overrides``; ``ConfigError`` names the file or the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    try:
-        return from_dict(raw, overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+    return config_lib.load(OnlineConfig, path, overrides, _validate)
 
 
 def run_changes(saved: dict, new: OnlineConfig) -> list[str]:
     """Dotted keys whose change between a stored config and ``new`` alters the run."""
-    old, cur = flatten(saved), flatten(new.to_dict())
-    changed = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
     free = RESUMABLE_CHANGES
     if new.optim.schedule != "constant" or new.discriminator.optim.schedule != "constant":
         free = tuple(p for p in free if p != "online.rounds")  # the schedules' length depends on it
-    return [k for k in changed if not any(k.startswith(p) for p in free)]
+    return config_lib.changed_keys(saved, new.to_dict(), free)

@@ -55,7 +55,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxalign import losses
 from jaxalign.errors import CheckpointError, ConfigError, DataError, JaxAlignError
 from jaxalign.online import reward_model as rm_lib
 from jaxalign.online.config import OnlineConfig, run_changes
@@ -261,31 +260,6 @@ class Learner(NamedTuple):
     opt_state: Any
 
 
-def _weighted_mean(x, w):
-    return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def policy_objective(spec: step_lib.LossSpec, lp: dict, ref: dict, w: jax.Array) -> tuple[jax.Array, dict]:
-    """Weighted mean loss of a batch (``w`` 0 for fillers) and TRL's metrics."""
-    ref_c, ref_r = ref.get("ref_chosen_logps"), ref.get("ref_rejected_logps")
-    per = losses.compute(list(spec.names) if spec.weights else spec.names[0], chosen_logps=lp["chosen_logps"],
-                         rejected_logps=lp["rejected_logps"], ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
-                         chosen_lengths=lp["chosen_lengths"], rejected_lengths=lp["rejected_lengths"],
-                         beta=spec.beta, weights=spec.weights, **dict(spec.options))
-    loss = _weighted_mean(per, w)
-    if spec.sft_coeff:
-        loss = loss + spec.sft_coeff * _weighted_mean(-lp["chosen_logps"], w)
-    c = jax.lax.stop_gradient(lp["chosen_logps"])
-    r = jax.lax.stop_gradient(lp["rejected_logps"])
-    rc = spec.beta * (c - ref_c) if ref_c is not None else spec.beta * c
-    rr = spec.beta * (r - ref_r) if ref_r is not None else spec.beta * r
-    metrics = {"loss": jax.lax.stop_gradient(loss), "rewards/chosen": _weighted_mean(rc, w),
-               "rewards/rejected": _weighted_mean(rr, w), "rewards/margins": _weighted_mean(rc - rr, w),
-               "rewards/accuracies": _weighted_mean((rc > rr).astype(jnp.float32), w),
-               "logps/chosen": _weighted_mean(c, w), "logps/rejected": _weighted_mean(r, w)}
-    return loss, metrics
-
-
 def _merge_params(trainable: dict, frozen: dict) -> dict:
     return {**frozen, **trainable}
 
@@ -295,7 +269,7 @@ def policy_step(state: Learner, frozen, rest, batch, w, ref, *, parts, spec, opt
     def loss_fn(params):
         model = parts.merge(_merge_params(params, frozen), rest)
         lp = step_lib.pair_logps(model, batch, shared_prompt=True, chunk_size=spec.chunk_size)
-        return policy_objective(spec, lp, ref, w)
+        return step_lib.weighted_objective(spec, lp, ref, w)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -381,9 +355,9 @@ def _seed(*parts: int) -> int:
     return int(np.random.default_rng(list(parts)).integers(2 ** 31 - 1))
 
 
-def _loss_spec(loss_cfg) -> step_lib.LossSpec:
+def _loss_spec(loss_cfg) -> step_lib.Objective:
     try:
-        return step_lib.LossSpec.from_config(loss_cfg)
+        return step_lib.Objective.from_config(loss_cfg)
     except ConfigError as err:
         raise ConfigError(str(err)) from None
 
@@ -393,7 +367,7 @@ class _Run:
 
     def __init__(self, cfg: OnlineConfig, gold: GoldFn | None, progress: bool):
         from jaxalign import models
-        from jaxalign.train.loop import resolve_model_path
+        from jaxalign.models.paths import resolve_model_path
 
         self.cfg = cfg
         self.progress = progress
@@ -450,7 +424,7 @@ class _Run:
                 dparts, trainable = step_lib.ModelParts.split(backbone)
                 frozen = {}
                 m.disc_ref = jax.tree.map(jnp.copy, trainable)
-                dspec = step_lib.LossSpec(names=("sigmoid",), weights=None, beta=d.beta)
+                dspec = step_lib.Objective(names=("sigmoid",), weights=None, beta=d.beta)
                 m.disc_step = jax.jit(functools.partial(policy_step, parts=dparts, spec=dspec,
                                                         optimizer=self.disc_opt))
                 m.disc_rewards = jax.jit(functools.partial(logps, parts=dparts))
@@ -780,7 +754,7 @@ def _line(m: dict) -> str:
 
 
 __all__ = ["SYNTHETIC_PROMPTS", "keyword_gold", "charset_gold", "length_gold", "make_gold", "load_prompts", "pairs_batch",
-           "Learner", "policy_objective", "policy_step", "logps", "rm_rewards", "rm_loss", "rm_step",
+           "Learner", "policy_step", "logps", "rm_rewards", "rm_loss", "rm_step",
            "rm_features", "head_step",
            "split_trainable", "run_online"]
 

@@ -51,7 +51,7 @@ class RewardModel(nnx.Module):
 
 def last_token(hidden_BTD: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """The hidden state ``[B, D]`` at each row's last valid position."""
-    return pairs._take_B(hidden_BTD, pairs._last_valid_index(mask_BT))
+    return pairs.take_rows(hidden_BTD, pairs.last_valid_index(mask_BT))
 
 
 def pair_last_hidden(model: RewardModel, prompt_ids_BP: jax.Array, prompt_mask_BP: jax.Array,
@@ -62,15 +62,14 @@ def pair_last_hidden(model: RewardModel, prompt_ids_BP: jax.Array, prompt_mask_B
     Prompts may be padded on either side; responses are right-padded. A response with no tokens gets the
     prompt's last hidden state.
     """
-    backbone = model.backbone
-    B, P = prompt_ids_BP.shape
-    R = chosen_ids_BR.shape[1]
-    cache = backbone.init_cache(B, P + R)
-    prompt_out = backbone(prompt_ids_BP, prompt_mask_BP, cache=cache, return_logits=False)
-    h_prompt_BD = last_token(prompt_out.hidden, prompt_mask_BP)
-    ids_2BR = jnp.concatenate([chosen_ids_BR, rejected_ids_BR], axis=0)
-    mask_2BR = jnp.concatenate([chosen_mask_BR, rejected_mask_BR], axis=0)
-    resp_out = backbone(ids_2BR, mask_2BR, cache=prompt_out.cache.repeat(2), return_logits=False)
+    batch = pairs.PairBatch(prompt_ids_BP, prompt_mask_BP, chosen_ids_BR, chosen_mask_BR, rejected_ids_BR,
+                            rejected_mask_BR)
+    B = prompt_ids_BP.shape[0]
+    prompt = pairs.encode_prompt(model.backbone, prompt_ids_BP, prompt_mask_BP,
+                                 response_length=chosen_ids_BR.shape[1])
+    h_prompt_BD = prompt.last_hidden()
+    ids_2BR, mask_2BR = batch.responses_2BR()
+    resp_out = pairs.continue_responses(model.backbone, prompt, ids_2BR, mask_2BR)
     h_2BD = last_token(resp_out.hidden, mask_2BR)
     empty_2B = jnp.sum(mask_2BR, axis=1) == 0
     h_2BD = jnp.where(empty_2B[:, None], jnp.concatenate([h_prompt_BD] * 2, 0), h_2BD)

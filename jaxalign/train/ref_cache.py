@@ -15,40 +15,25 @@ An entry is ``CACHE_DIR/<key>.npz`` holding ``ref_chosen_logps`` and ``ref_rejec
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from jaxalign import store
 from jaxalign.data import cache as data_cache
 
 CACHE_VERSION = 1
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
 def weights_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 over the weight files of a model folder (or one ``.gguf`` file) and ``config.json``."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(
-        f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """The model's identity (:func:`jaxalign.store.model_digest`: its weight files and ``config.json``)."""
+    return store.model_digest(path)
 
 
 def tokens_fingerprint(tokens) -> str:
-    """SHA-256 of a ``TokenizedPairs``' arrays (ids, offsets and record indices)."""
-    digest = hashlib.sha256()
-    for name, arr in sorted(tokens.to_arrays().items()):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arr).tobytes())
-    return digest.hexdigest()
+    """SHA-256 of a ``TokenizedPairs``' arrays (:func:`jaxalign.store.digest` of ids, offsets, indices)."""
+    return store.digest(tokens.to_arrays())
 
 
 def cache_key(*, weights: str, dtype: str, tokens: str, lengths: tuple[int, int], shared_prompt: bool) -> str:

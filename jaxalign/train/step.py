@@ -28,12 +28,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from jaxalign import losses, pairs
+from jaxalign.models import lora
+from jaxalign.models.parts import ModelParts  # noqa: F401  (re-exported: the trainer's model split)
+from jaxalign.analysis import ches
 from jaxalign.errors import ConfigError, LossError
 
-BATCH_KEYS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+BATCH_KEYS = pairs.KEYS
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")
@@ -57,31 +59,7 @@ class TrainState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """A model taken apart for pure functions: ``nnx.merge(graphdef, params, rest)`` rebuilds it.
-
-    ``abstract`` is the params' ``nnx.State`` with shape-only leaves, used to turn a pure dict back into
-    a State inside jit; ``rest`` holds non-trainable variables (passed as an argument, never a constant).
-    """
-
-    graphdef: Any
-    abstract: Any
-    rest: Any
-
-    @classmethod
-    def split(cls, model) -> tuple["ModelParts", dict]:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        abstract = jax.eval_shape(lambda: params)
-        return cls(graphdef, abstract, rest), nnx.to_pure_dict(params)
-
-    def merge(self, params: dict, rest=None):
-        state = jax.tree.map(lambda x: x, self.abstract)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state, self.rest if rest is None else rest)
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
+class Objective:
     """The static description of the objective (hashable: it is a jit static argument).
 
     Attributes:
@@ -108,7 +86,7 @@ class LossSpec:
         return any("ref_chosen_logps" in losses.REGISTRY[n].inputs for n in self.names)
 
     @classmethod
-    def from_config(cls, loss_cfg, *, shared_prompt: bool = True, grad_accum: int = 1) -> "LossSpec":
+    def from_config(cls, loss_cfg, *, shared_prompt: bool = True, grad_accum: int = 1) -> "Objective":
         from jaxalign.train.config import loss_terms
 
         terms = loss_terms(loss_cfg)
@@ -149,9 +127,7 @@ def pair_logps(model, batch: dict, *, shared_prompt: bool = True, chunk_size: in
                ) -> dict[str, jax.Array]:
     """``chosen_logps``, ``rejected_logps``, ``chosen_lengths``, ``rejected_lengths``, each ``[B]``."""
     if shared_prompt:
-        out = pairs.pair_forward(model, batch["prompt_ids"], batch["prompt_mask"], batch["chosen_ids"],
-                                 batch["chosen_mask"], batch["rejected_ids"], batch["rejected_mask"],
-                                 chunk_size=chunk_size)
+        out = pairs.pair_forward(model, pairs.PairBatch.of(batch), chunk_size=chunk_size)
         return dict(chosen_logps=out.chosen_logps, rejected_logps=out.rejected_logps,
                     chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths)
     # Unshared: rows [prompt | response] (padding on the left of the prompt and/or inside is fine: the
@@ -169,46 +145,67 @@ def pair_logps(model, batch: dict, *, shared_prompt: bool = True, chunk_size: in
                 chosen_lengths=out["lengths"][:B], rejected_lengths=out["lengths"][B:])
 
 
-def _objective(spec: LossSpec, lp: dict, batch: dict) -> tuple[jax.Array, dict]:
-    """Mean loss and the TRL metrics of one (micro-)batch from its log-probs."""
-    ref_c = batch.get("ref_chosen_logps")
-    ref_r = batch.get("ref_rejected_logps")
+def _mean(x: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """``mean_B(x)``, or ``Σ w·x / max(Σ w, 1)`` with per-pair weights (0 for filler rows)."""
+    if weights is None:
+        return jnp.mean(x)
+    return jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def weighted_objective(spec: Objective, lp: dict, refs: dict, weights: jax.Array | None = None
+                       ) -> tuple[jax.Array, dict]:
+    """The loss of one (micro-)batch from its log-probs, and TRL's metrics.
+
+    ``loss = mean_B(losses.compute(...)) + sft_coeff · mean_B(−s_w)``; with ``weights`` ``[B]`` every
+    mean is the weighted mean ``Σ w·x / max(Σ w, 1)`` (D2PO's batches weigh filler rows 0).
+
+    Args:
+      spec: the objective.
+      lp: ``chosen_logps``, ``rejected_logps``, ``chosen_lengths``, ``rejected_lengths``, each ``[B]``.
+      refs: ``ref_chosen_logps`` and ``ref_rejected_logps`` ``[B]`` when the loss needs them (other keys
+        are ignored, so a whole batch may be passed).
+      weights: per-pair weights ``[B]``, or ``None`` for the plain mean.
+
+    Returns:
+      ``(loss, metrics)``: a scalar, and ``loss``, ``rewards/*``, ``logps/*`` (stopped gradients).
+    """
+    ref_c, ref_r = refs.get("ref_chosen_logps"), refs.get("ref_rejected_logps")
     per_example = losses.compute(
         list(spec.names) if spec.weights else spec.names[0], chosen_logps=lp["chosen_logps"],
         rejected_logps=lp["rejected_logps"], ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
         chosen_lengths=lp["chosen_lengths"], rejected_lengths=lp["rejected_lengths"], beta=spec.beta,
         weights=spec.weights, **dict(spec.options))
-    loss = jnp.mean(per_example)
+    loss = _mean(per_example, weights)
     if spec.sft_coeff:
-        loss = loss + spec.sft_coeff * jnp.mean(-lp["chosen_logps"])
-    return loss, _reward_metrics(spec.beta, lp, ref_c, ref_r, loss)
+        loss = loss + spec.sft_coeff * _mean(-lp["chosen_logps"], weights)
+    return loss, _reward_metrics(spec.beta, lp, ref_c, ref_r, loss, weights)
 
 
-def _reward_metrics(beta, lp, ref_c, ref_r, loss) -> dict:
+def _reward_metrics(beta, lp, ref_c, ref_r, loss, weights=None) -> dict:
     c, r = jax.lax.stop_gradient(lp["chosen_logps"]), jax.lax.stop_gradient(lp["rejected_logps"])
     rc = beta * (c - ref_c) if ref_c is not None else beta * c
     rr = beta * (r - ref_r) if ref_r is not None else beta * r
-    return {"loss": jax.lax.stop_gradient(loss), "rewards/chosen": jnp.mean(rc),
-            "rewards/rejected": jnp.mean(rr), "rewards/margins": jnp.mean(rc - rr),
-            "rewards/accuracies": jnp.mean((rc > rr).astype(jnp.float32)),
-            "logps/chosen": jnp.mean(c), "logps/rejected": jnp.mean(r)}
+    return {"loss": jax.lax.stop_gradient(loss), "rewards/chosen": _mean(rc, weights),
+            "rewards/rejected": _mean(rr, weights), "rewards/margins": _mean(rc - rr, weights),
+            "rewards/accuracies": _mean((rc > rr).astype(jnp.float32), weights),
+            "logps/chosen": _mean(c, weights), "logps/rejected": _mean(r, weights)}
 
 
-def _with_reference(parts: ModelParts, ref_params, batch: dict, spec: LossSpec) -> dict:
+def _with_reference(parts: ModelParts, ref_params, batch: dict, spec: Objective, rest=None) -> dict:
     """Adds the reference log-probs from ``ref_params`` (the online reference) to the batch."""
     if ref_params is None:
         return batch
-    ref = pair_logps(parts.merge(ref_params), batch, shared_prompt=spec.shared_prompt,
+    ref = pair_logps(parts.merge(ref_params, rest), batch, shared_prompt=spec.shared_prompt,
                      chunk_size=spec.chunk_size)
     return dict(batch, ref_chosen_logps=jax.lax.stop_gradient(ref["chosen_logps"]),
                 ref_rejected_logps=jax.lax.stop_gradient(ref["rejected_logps"]))
 
 
-def loss_fn(params, batch: dict, *, parts: ModelParts, spec: LossSpec, rest=None):
+def loss_fn(params, batch: dict, *, parts: ModelParts, spec: Objective, rest=None):
     """``(loss, metrics)`` of one micro-batch: a function of the parameters (for ``jax.grad``)."""
     model = parts.merge(params, rest)
     lp = pair_logps(model, batch, shared_prompt=spec.shared_prompt, chunk_size=spec.chunk_size)
-    return _objective(spec, lp, batch)
+    return weighted_objective(spec, lp, batch)
 
 
 def _micro_batches(batch: dict, A: int) -> dict:
@@ -219,14 +216,14 @@ def _micro_batches(batch: dict, A: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: dict, rest, ref_params, *, parts: ModelParts, spec: LossSpec,
+def train_step(state: TrainState, batch: dict, rest, ref_params, *, parts: ModelParts, spec: Objective,
                optimizer: optax.GradientTransformation, schedule) -> tuple[TrainState, dict]:
     """One optimiser step over ``A`` accumulated micro-batches. Returns the new state and metrics."""
     grad = jax.value_and_grad(functools.partial(loss_fn, parts=parts, spec=spec, rest=rest), has_aux=True)
     A = spec.grad_accum
 
     def one(batch_):
-        batch_ = _with_reference(parts, ref_params, batch_, spec)
+        batch_ = _with_reference(parts, ref_params, batch_, spec, rest)
         (_, metrics), g = grad(state.params, batch_)
         return g, metrics
 
@@ -248,20 +245,28 @@ def train_step(state: TrainState, batch: dict, rest, ref_params, *, parts: Model
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-def eval_step(params, batch: dict, rest, ref_params, *, parts: ModelParts, spec: LossSpec
+def eval_step(params, batch: dict, rest, ref_params, *, parts: ModelParts, spec: Objective
               ) -> tuple[dict, dict]:
     """Metrics of a batch without updating (eval), and the per-example log-probs (probe/ledger)."""
-    batch = _with_reference(parts, ref_params, batch, spec)
+    batch = _with_reference(parts, ref_params, batch, spec, rest)
     model = parts.merge(params, rest)
     lp = pair_logps(model, batch, shared_prompt=spec.shared_prompt, chunk_size=spec.chunk_size)
-    _, metrics = _objective(spec, lp, batch)
+    _, metrics = weighted_objective(spec, lp, batch)
     return metrics, {k: lp[k] for k in ("chosen_logps", "rejected_logps")}
 
 
+def policy(parts: ModelParts, params, rest=None, *, adapters: bool = True):
+    """The model of ``params`` (and ``rest``); ``adapters=False``: its LoRA adapters switched off (the
+    ``loss.reference: adapter_off`` reference: the base weights alone, no second copy)."""
+    model = parts.merge(params, rest)
+    return model if adapters else lora.set_adapters(model, False)
+
+
 def logps_step(params, batch: dict, rest, *, parts: ModelParts, shared_prompt: bool = True,
-               chunk_size: int | None = 128) -> dict:
+               chunk_size: int | None = 128, adapters: bool = True) -> dict:
     """Per-example ``chosen_logps`` and ``rejected_logps`` (the reference cache, the probe set)."""
-    lp = pair_logps(parts.merge(params, rest), batch, shared_prompt=shared_prompt, chunk_size=chunk_size)
+    lp = pair_logps(policy(parts, params, rest, adapters=adapters), batch, shared_prompt=shared_prompt,
+                    chunk_size=chunk_size)
     return {k: lp[k] for k in ("chosen_logps", "rejected_logps")}
 
 
@@ -269,11 +274,7 @@ def probe_step(params, batch: dict, rest, *, parts: ModelParts, shared_prompt: b
                chunk_size: int | None = 128) -> dict:
     """``logps_step`` plus, with the shared prompt, each pair's CHES and LN-CHES (Razin et al. Def. 2–3)
     from the final hidden states of the same forward pass."""
-    try:
-        from jaxalign.analysis import ches
-    except ImportError:  # the analysis package is optional here
-        ches = None
-    if not shared_prompt or ches is None:
+    if not shared_prompt:
         return logps_step(params, batch, rest, parts=parts, shared_prompt=shared_prompt, chunk_size=chunk_size)
     out = pairs.pair_forward(parts.merge(params, rest), batch["prompt_ids"], batch["prompt_mask"],
                              batch["chosen_ids"], batch["chosen_mask"], batch["rejected_ids"],
@@ -284,6 +285,26 @@ def probe_step(params, batch: dict, rest, *, parts: ModelParts, shared_prompt: b
 
 
 # --- jit with shardings --------------------------------------------------------------------------------
+#
+# The jitted functions below wrap module-level functions and take what configures them as one static
+# argument compared by a hashable key (the model's graphdef, the objective, the optimiser's config). Two
+# runs with equal keys and equal shapes therefore share one traced and compiled program (jit's own
+# cache): ``loop.train_loaded`` trains many pair sets on one loaded model without recompiling.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Static:
+    """A jit static argument: hashed and compared by ``key``; carries unhashable ``value`` (equal keys
+    must mean interchangeable values, e.g. equal graphdefs for two copies of one architecture)."""
+
+    key: Any
+    value: Any
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Static) and self.key == other.key
+
 
 def shardings_of(tree):
     """The shardings of a pytree of placed arrays (``None`` leaves stay ``None``)."""
@@ -300,10 +321,18 @@ def opt_state_shardings(optimizer, params, param_shardings, mesh):
                                  transform_non_params=lambda _: replicated)
 
 
-def init_state(optimizer, params, param_shardings, mesh, seed: int = 0) -> TrainState:
-    """A step-0 :class:`TrainState` with the optimiser state created in its sharding."""
+def _opt_init(static: Static, params):
+    return static.value.init(params)
+
+
+def init_state(optimizer, params, param_shardings, mesh, seed: int = 0, *, key: Any = None) -> TrainState:
+    """A step-0 :class:`TrainState` with the optimiser state created in its sharding.
+
+    ``key``: a hashable stand-in for ``optimizer`` (its config) so equal optimisers share one program.
+    """
     opt_sh = opt_state_shardings(optimizer, params, param_shardings, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    static = Static(optimizer if key is None else key, optimizer)
+    opt_state = jax.jit(_opt_init, static_argnums=0, out_shardings=opt_sh)(static, params)
     step = jnp.zeros((), jnp.int32)
     rng = jax.random.key_data(jax.random.key(seed))
     if mesh is not None:
@@ -312,12 +341,41 @@ def init_state(optimizer, params, param_shardings, mesh, seed: int = 0) -> Train
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
-def jit_train_step(*, parts: ModelParts, spec: LossSpec, optimizer, schedule, state_shardings,
-                   batch_shardings, rest_shardings, ref_shardings, mesh):
-    """``train_step`` jitted with explicit in/out shardings and the state donated."""
-    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    fn = functools.partial(train_step, parts=parts, spec=spec, optimizer=optimizer, schedule=schedule)
+def _train_step(static: Static, state, batch, rest, ref_params):
+    parts, spec, optimizer, schedule = static.value
+    return train_step(state, batch, rest, ref_params, parts=parts, spec=spec, optimizer=optimizer,
+                      schedule=schedule)
+
+
+def jit_train_step(*, parts: ModelParts, spec: Objective, optimizer, schedule, state_shardings,
+                   batch_shardings, rest_shardings, ref_shardings, mesh, key: Any = None):
+    """``train_step`` jitted with explicit in/out shardings and the state donated.
+
+    ``key``: a hashable stand-in for ``(optimizer, schedule)`` (e.g. their config and the run length):
+    steps built with equal keys, objectives and model graphdefs share one compiled program.
+    """
+    static = Static((parts.graphdef, spec, (optimizer, schedule) if key is None else key),
+                    (parts, spec, optimizer, schedule))
     if mesh is None:
-        return jax.jit(fn, donate_argnums=(0,))
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings, rest_shardings, ref_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        fn = jax.jit(_train_step, static_argnums=0, donate_argnames="state")
+    else:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        fn = jax.jit(_train_step, static_argnums=0, donate_argnames="state",
+                     in_shardings=(state_shardings, batch_shardings, rest_shardings, ref_shardings),
+                     out_shardings=(state_shardings, replicated))
+    return functools.partial(fn, static)
+
+
+def _pair_scores(static: Static, params, batch, rest):
+    _, shared_prompt, with_ches, adapters = static.key
+    if with_ches:
+        return probe_step(params, batch, rest, parts=static.value, shared_prompt=shared_prompt)
+    return logps_step(params, batch, rest, parts=static.value, shared_prompt=shared_prompt, adapters=adapters)
+
+
+def jit_pair_scores(parts: ModelParts, *, shared_prompt: bool = True, with_ches: bool = False,
+                    adapters: bool = True):
+    """``(params, batch, rest) -> logps_step(...)`` (``with_ches``: :func:`probe_step`; ``adapters=False``:
+    the LoRA adapters off) jitted; one program per model graphdef and shape."""
+    static = Static((parts.graphdef, shared_prompt, with_ches, adapters), parts)
+    return functools.partial(jax.jit(_pair_scores, static_argnums=0), static)
