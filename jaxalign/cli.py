@@ -9,11 +9,17 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
 import jaxalign
 from jaxalign.errors import JaxAlignError
+
+# transformers' "PyTorch was not found" notice is an advisory warning; jaxalign never needs PyTorch, so to
+# a user of the command it only reads like an error. Set before any handler imports transformers; an
+# explicit TRANSFORMERS_NO_ADVISORY_WARNINGS in the environment wins.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _formatter(prog):
@@ -464,6 +470,10 @@ def _run_plan(args) -> None:
 
     from jaxalign.jobs import plan
 
+    for flag, value in (("--pairs", args.pairs), ("--prompt-len", args.prompt_len),
+                        ("--response-len", args.response_len), ("--slices", args.slices),
+                        ("--cpu-devices", args.cpu_devices), ("--max-compiles", args.max_compiles)):
+        _at_least(flag, value, 1)
     raw = yaml.safe_load(open(args.config)) if args.config else None
     run = plan.run_config(raw, args.overrides)
     hf, name = plan.model_config(args.model)

@@ -116,6 +116,8 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Applies ``a.b=value`` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of config keys at the top level, got a {type(raw).__name__}")
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
     for item in overrides:
         if "=" not in item:

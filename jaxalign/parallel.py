@@ -5,7 +5,8 @@ Every parameter is created with a ``logical_axes`` metadata tuple (one name per 
 that knows the mapping. Without a mesh everything is a no-op, so the same model code runs on one CPU,
 on 8 simulated CPU devices and on a pod.
 
-Mesh axes: ``data`` (pairs), ``fsdp`` (parameters sharded, batch too), ``tensor`` (model-parallel).
+Mesh axes: ``data`` (pairs), ``fsdp`` (parameters sharded, batch too), ``tensor`` (model-parallel),
+``expert`` (the experts of a mixture-of-experts layer; size 1 unless asked for).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Logical axis name -> mesh axis (or None: replicated). Batch-like axes go over data and fsdp.
 RULES: Mapping[str, Any] = {
@@ -32,21 +33,24 @@ RULES: Mapping[str, Any] = {
     "norm": None,
     "positions": None,
     "lora_rank": None,  # LoRA's A [in…, r] and B [r, out…] shard their other axes like the kernel
+    "expert": "expert",  # MoE kernels [E, …] and router [D, E]: experts split over the expert axis
 }
 
 
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds a ``(data, fsdp, tensor)`` mesh.
+    """Builds a ``(data, fsdp, tensor, expert)`` mesh.
 
     Args:
-      shape: sizes of the three axes; ``None`` puts every device on ``data``. One entry may be -1 and is
-        then inferred from the device count.
+      shape: sizes of the axes (three sizes: ``expert`` is 1); ``None`` puts every device on ``data``.
+        One entry may be -1 and is then inferred from the device count.
       devices: devices to use (default: all of ``jax.devices()``).
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape if shape is not None else (len(devices), 1, 1))
-    if len(shape) != 3:
-        raise ValueError(f"mesh shape needs 3 sizes (data, fsdp, tensor), got {shape}")
+    if len(shape) == 3:
+        shape.append(1)
+    if len(shape) != 4:
+        raise ValueError(f"mesh shape needs 3 or 4 sizes (data, fsdp, tensor[, expert]), got {shape}")
     if shape.count(-1) == 1:
         known = math.prod(s for s in shape if s != -1)
         shape[shape.index(-1)] = len(devices) // known
@@ -65,7 +69,7 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[i
     for name, size in zip(logical_axes, shape):
         target = RULES.get(name) if name is not None else None
         targets = (target,) if isinstance(target, str) else tuple(target or ())
-        targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+        targets = tuple(t for t in targets if t not in used and mesh.shape.get(t, 1) > 1)
         if targets and size % math.prod(mesh.shape[t] for t in targets) == 0:
             used.update(targets)
             spec.append(targets[0] if len(targets) == 1 else targets)

@@ -270,15 +270,20 @@ def test_scores_equal_transformers_one_at_a_time(tiny_pair):
     examples.append((examples[0][0], examples[0][1], list(examples[0][1])))  # y+ = y−: CHES 0
     ref = _torch_reference(hf, examples)
     got = _score_all(ches.make_scorer(model), examples, batch_size=4)
-    assert got["chosen_len"].tolist() == ref["chosen_len"].tolist()
-    assert got["rejected_len"].tolist() == ref["rejected_len"].tolist()
+    _assert_scores_equal_reference(got, ref)
+    assert abs(got["ches"][-1]) <= 1e-4 * ref["scale"][-1]
+
+
+def _assert_scores_equal_reference(got, ref):
+    """``got`` (column name -> [N]) against :func:`_torch_reference`, row by row."""
+    assert np.asarray(got["chosen_len"]).tolist() == ref["chosen_len"].tolist()
+    assert np.asarray(got["rejected_len"]).tolist() == ref["rejected_len"].tolist()
     # 1e-4 relative to the size of the terms (CHES is a difference of two inner products)
     np.testing.assert_allclose(got["ches"], ref["ches"], rtol=1e-4, atol=1e-4 * ref["scale"].max())
     ln_scale = ref["scale"] / ref["chosen_len"] ** 2
     np.testing.assert_allclose(got["ln_ches"], ref["ln_ches"], rtol=1e-4, atol=1e-4 * ln_scale.max())
     np.testing.assert_allclose(got["last_hidden_ip"], ref["last_hidden_ip"], rtol=1e-4,
                                atol=1e-4 * np.abs(ref["last_hidden_ip"]).max())
-    assert abs(got["ches"][-1]) <= 1e-4 * ref["scale"][-1]
 
 
 def test_eight_devices_equal_one(tiny_pair):
@@ -330,6 +335,21 @@ def job(tmp_path_factory):
     return root, data, out
 
 
+def _assert_every_row_equals_transformers(folder, t, table):
+    """Every output row against ``transformers`` run on that row's pair alone (float64 sums): the
+    length-sorted batches must land each pair's scores on its own row."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    examples = [(list(t.prompt[i]), list(t.chosen[i]), list(t.rejected[i])) for i in range(len(t))]
+    ref = _torch_reference(hf, examples)
+    _assert_scores_equal_reference({k: table.column(k).to_numpy() for k in
+                                    ("chosen_len", "rejected_len", "ches", "ln_ches", "last_hidden_ip")}, ref)
+    # the rows are told apart: no two pairs share a CHES value, so a shift of rows would show
+    assert len(set(np.round(ref["ches"], 3).tolist())) == len(examples)
+
+
 def test_cli_ches_outputs(job, capsys):
     from jaxalign.data import DataWarning, load_pairs
     from jaxalign.models import load_tokenizer
@@ -348,10 +368,10 @@ def test_cli_ches_outputs(job, capsys):
             for i in range(len(t))]
     np.testing.assert_allclose(table.column("minus_norm_edit_distance").to_numpy(), edit)
     assert table.column("ches").to_numpy()[5] == pytest.approx(0.0, abs=1e-3)  # identical responses
+    _assert_every_row_equals_transformers(root / "model", t, table)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["scored"] == len(RECORDS) and summary["counts"]["skipped"] == 0
     assert set(summary["measures"]) == set(ches_run.MEASURES)
-    assert summary["spearman"]["ches"]["ches"] == pytest.approx(1.0)
     assert set(summary["measures"]["ln_ches"]["quantiles"]) >= {"0", "0.5", "1"}
     assert (out / "ches_hist.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "scores.parquet.parts").exists()
@@ -618,3 +638,38 @@ def test_spearman_equals_scipy_with_ties_and_nan(seed):
     np.testing.assert_allclose(rank_stats.rankdata(x), scipy_stats.rankdata(x))
     assert rank_stats.spearman(np.ones(5), np.arange(5.0)) is None
     assert rank_stats.spearman([1.0], [2.0]) is None
+
+
+@pytest.mark.slow
+def test_distributed_two_processes_equal_one(job, tmp_path):
+    """``ches --distributed`` as two local processes (found through SLURM's variables, the way a cluster
+    launcher sets them): every process batches, process 0 writes; the table equals one process's."""
+    import os
+    import socket
+    import subprocess
+
+    root, data, full = job
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               SLURM_JOB_ID="1", SLURM_NTASKS="2", SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "jaxalign.cli", "ches", "--model", str(root / "model"), "--data", str(data),
+           "--out", str(out), "--batch-size", "3", "--no-progress", "--distributed"]
+    procs = [subprocess.Popen(cmd, env=dict(env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    # two processes really ran: only the lead prints the summary
+    assert "scored 10 pairs" in outs[0] and "scored" not in outs[1], outs
+    one, two = pq.read_table(full / "scores.parquet"), pq.read_table(out / "scores.parquet")
+    assert two.column_names == one.column_names
+    assert two.column("index").to_pylist() == one.column("index").to_pylist()
+    for name in one.column_names:
+        # the same pairs through the same programs, batch rows split over two processes: float32 rounding
+        np.testing.assert_allclose(two.column(name).to_numpy(), one.column(name).to_numpy(), rtol=1e-5,
+                                   atol=1e-5, err_msg=name)

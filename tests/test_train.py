@@ -419,13 +419,15 @@ def _check_trl_parity(tiny, tmp_path, kind, loss_type):
     assert abs(ours[2]["logps/chosen"] - ours[0]["logps/chosen"]) > 0.1
 
 
-def test_trl_parity_llama_sigmoid(tiny, tmp_path):
-    _check_trl_parity(tiny, tmp_path, "llama", "sigmoid")
+# In the default tier (also under --skip-slow): one case per model family.
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_trl_parity_sigmoid(tiny, tmp_path, kind):
+    _check_trl_parity(tiny, tmp_path, kind, "sigmoid")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,loss_type", [("llama", "ipo"), ("llama", "apo_zero"), ("gpt2", "sigmoid"),
-                                            ("gpt2", "ipo"), ("gpt2", "apo_zero")])
+@pytest.mark.parametrize("kind,loss_type", [("llama", "ipo"), ("llama", "apo_zero"), ("gpt2", "ipo"),
+                                            ("gpt2", "apo_zero")])
 def test_trl_parity(tiny, tmp_path, kind, loss_type):
     _check_trl_parity(tiny, tmp_path, kind, loss_type)
 
@@ -470,7 +472,7 @@ def _final_tensors(run: Path) -> dict[str, np.ndarray]:
     return load_file(str(run / "final" / "model.safetensors"))
 
 
-@pytest.mark.slow
+# default tier (also under --skip-slow): the only kill-and-resume / two-process check of train
 def test_sigkill_resume_is_bit_identical(tiny, tmp_path):
     straight = _write_config(tiny, tmp_path, "straight")
     subprocess.run(_cli(straight), env=_env(), check=True, capture_output=True, timeout=600)
@@ -503,7 +505,7 @@ def test_sigkill_resume_is_bit_identical(tiny, tmp_path):
         assert np.array_equal(la[k], lb[k]), k
 
 
-@pytest.mark.slow
+# default tier (also under --skip-slow): the only kill-and-resume / two-process check of train
 def test_two_processes_equal_one(tiny, tmp_path):
     import socket
 

@@ -45,7 +45,7 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,8 @@ from jaxalign.errors import ConfigError
 
 METHODS = ("auto", "exact", "jvp", "gram")
 CASES = ("ideal", "both_down", "both_up", "inverted")
+#: ``--params lora``: the LoRA adapters (``nnx.LoRAParam`` leaves) only.
+LORA = "lora"
 BATCH_FIELDS = pairs.KEYS
 
 
@@ -116,10 +118,11 @@ def leaf_name(path) -> str:
 
 
 def select(names: Sequence[str], params: str | Sequence[str] | None = None,
-           last_blocks: int | None = None) -> tuple[int, ...]:
+           last_blocks: int | None = None, lora_names: Collection[str] = ()) -> tuple[int, ...]:
     """Indices of the parameters to probe: names matching any of ``params`` (regular expressions,
     ``re.search``; ``None`` for all) and, with ``last_blocks=n``, inside the last ``n`` blocks
-    (``layers.{i}.``).
+    (``layers.{i}.``). The word :data:`LORA` among ``params`` keeps only the LoRA adapters (the names in
+    ``lora_names``); the other patterns then choose among them.
 
     >>> select(["embed.embedding", "layers.0.attn.q_proj.kernel", "layers.1.attn.q_proj.kernel",
     ...         "layers.1.mlp.up_proj.kernel"], r"q_proj", last_blocks=1)
@@ -129,8 +132,14 @@ def select(names: Sequence[str], params: str | Sequence[str] | None = None,
       ConfigError: a pattern that is not a regular expression, or a selection that is empty.
     """
     keep = list(range(len(names)))
-    if params is not None:
-        patterns = [params] if isinstance(params, str) else list(params)
+    patterns = None if params is None else [params] if isinstance(params, str) else list(params)
+    if patterns is not None and LORA in patterns:
+        if not lora_names:
+            raise ConfigError(f"--params {LORA}: the model has no LoRA adapters (load some with --adapter "
+                              "PATH, a PEFT adapter folder)")
+        keep = [i for i in keep if names[i] in lora_names]
+        patterns = [p for p in patterns if p != LORA] or None
+    if patterns is not None:
         try:
             regexes = [re.compile(p) for p in patterns]
         except re.error as err:
@@ -141,6 +150,8 @@ def select(names: Sequence[str], params: str | Sequence[str] | None = None,
         if last_blocks < 1 or not blocks:
             raise ConfigError(f"--last-blocks {last_blocks}: needs N >= 1 and a model with layers.<i>. "
                               "parameters")
+        if last_blocks > max(blocks.values()) + 1:
+            raise ConfigError(f"--last-blocks {last_blocks}: the model has {max(blocks.values()) + 1} blocks")
         first = max(blocks.values()) + 1 - last_blocks
         keep = [i for i in keep if blocks.get(i, -1) >= first]
     if not keep:
@@ -185,17 +196,21 @@ def split_model(model, params: str | Sequence[str] | None = None,
 
     Args:
       model: a ``jaxalign.models`` causal LM (``flax.nnx`` module).
-      params: ``None`` for every parameter, or regular expressions of which one must match a
-        parameter's dotted name (:func:`leaf_name`), e.g. ``r"attn\\.[qkv]_proj"``.
+      params: ``None`` for every parameter (base weights and adapters), or regular expressions of which
+        one must match a parameter's dotted name (:func:`leaf_name`), e.g. ``r"attn\\.[qkv]_proj"``;
+        ``"lora"`` among them: only the ``nnx.LoRAParam`` leaves (LoRA's ``A`` and ``B``).
       last_blocks: only parameters of the last ``n`` blocks.
     """
     from flax import nnx
 
-    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    from jaxalign.models import lora
+
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)  # LoRAParam is a kind of Param: both
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     names = tuple(leaf_name(p) for p, _ in flat)
     leaves = tuple(v for _, v in flat)
-    return SplitModel(graphdef, treedef, names, select(names, params, last_blocks), leaves, rest)
+    selected = select(names, params, last_blocks, lora.adapter_names(model, leaf_name))
+    return SplitModel(graphdef, treedef, names, selected, leaves, rest)
 
 
 def _float_split(tree):

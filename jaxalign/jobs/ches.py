@@ -16,7 +16,9 @@ Output files in ``DIR``:
     ``minus_norm_edit_distance``, ``last_hidden_ip``, ``real_cosine`` (REAL's cosine of the two
     responses embedded alone, :mod:`jaxalign.analysis.real`; NaN with ``real=False``), ``prompt_len``,
     ``chosen_len``, ``rejected_len`` (token counts; response lengths include the EOS and equal the number
-    of summed positions).
+    of summed positions); for a built-in format (not TRL's own), also the provenance columns
+    ``source_index``, ``chosen_response``, ``rejected_response``, ``chosen_score``, ``rejected_score``,
+    ``margin`` (:data:`PROVENANCE`; docs/data.md "Provenance").
 ``summary.json``
     counts (read, kept, scored, skipped by kind, identical pairs, truncated), quantiles and mean/std of
     each measure, and the Spearman rank correlations between the five measures.
@@ -47,6 +49,11 @@ MEASURES = ("ches", "ln_ches", "minus_norm_edit_distance", "last_hidden_ip", "re
 COLUMNS = ("index",) + MEASURES + ("prompt_len", "chosen_len", "rejected_len")
 SCHEMA = pa.schema([("index", pa.int64())] + [(m, pa.float64()) for m in MEASURES]
                    + [(c, pa.int32()) for c in ("prompt_len", "chosen_len", "rejected_len")])
+#: the provenance columns (:data:`jaxalign.data.schemas.PROVENANCE_COLUMNS` less ``index``) added to
+#: ``scores.parquet`` when the data's format has them (not for TRL's own formats).
+PROVENANCE = pa.schema([("source_index", pa.int64()), ("chosen_response", pa.int64()),
+                        ("rejected_response", pa.int64()), ("chosen_score", pa.float64()),
+                        ("rejected_score", pa.float64()), ("margin", pa.float64())])
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 
@@ -72,27 +79,36 @@ def run(cfg: Ches, *, mesh=None, progress: bool = True, after_batch: Callable[[i
       the summary (also written to ``summary.json``); ``None`` on processes other than the lead.
     """
     from jaxalign.analysis import ches
+    from jaxalign.models import lora
 
     out = Path(cfg.out)
     table_path = out / "scores.parquet"
-    check = None if cfg.layer is None else (lambda m: check_layer(m, cfg.layer, cfg.model))
+    def check(m):
+        lora.load_adapter(m, cfg.adapter, mesh=mesh)
+        if cfg.layer is not None:
+            check_layer(m, cfg.layer, cfg.model)
+
     model, tokenizer, loaded, plan, lead = common.open_inputs(
         cfg, table_path, job="CHES", mesh=mesh, model_and_tokenizer=model_and_tokenizer, check_model=check)
     tokens = loaded.tokens
     chunks = store.ChunkedTable(table_path, fingerprint=fingerprint(
-        cfg, model=store.model_digest(cfg.model), tokens=store.digest(tokens.to_arrays()), pairs=len(tokens),
+        cfg, model=store.model_digest(cfg.model), adapter=None if cfg.adapter is None else
+        store.model_digest(cfg.adapter), tokens=store.digest(tokens.to_arrays()), pairs=len(tokens),
         plan=plan.digest, real_max_length=cfg.real_max_length if cfg.real else None))
     real_cosine = (make_real_cosine(model, tokenizer, cfg.data, batch_size=cfg.batch_size, mesh=mesh,
-                                    max_length=cfg.real_max_length, on_bad_record=cfg.on_bad_record)
+                                    max_length=cfg.real_max_length, on_bad_record=cfg.on_bad_record,
+                                    **common.data_options(cfg))
                    if cfg.real else None)
-    compute = scores_of(ches.make_scorer(model, mesh=mesh, layer=cfg.layer), tokens, real_cosine)
+    provenance = loaded.provenance if loaded.report.schema not in (None, "trl") else None
+    compute = scores_of(ches.make_scorer(model, mesh=mesh, layer=cfg.layer), tokens, real_cosine, provenance)
     common.run_batches(plan, common.shared_prompt_maker(tokens, loaded.pad_id), compute,
                        common.ChunkSink(chunks), progress=progress, desc="ches", rows_done=chunks.rows_done,
                        after_batch=after_batch)
     if not lead:
         return None
-    about = {"model": cfg.model, "data": cfg.data, "layer": cfg.layer}
-    table = chunks.commit(expected_keys=tokens.index.tolist(), schema=SCHEMA, metadata=about)
+    about = {"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "layer": cfg.layer}
+    schema = SCHEMA if provenance is None else pa.unify_schemas([SCHEMA, PROVENANCE])
+    table = chunks.commit(expected_keys=tokens.index.tolist(), schema=schema, metadata=about)
     summary = summarize(table, loaded.report, **about, limit=cfg.limit)
     store.write_json(out / "summary.json", summary)
     plot_histograms(table, out / "ches_hist.png", title=f"{Path(cfg.model).name} on {cfg.data}")
@@ -100,9 +116,11 @@ def run(cfg: Ches, *, mesh=None, progress: bool = True, after_batch: Callable[[i
     return summary
 
 
-def scores_of(scorer: Callable, tokens, real_cosine: Callable[[np.ndarray], np.ndarray] | None
-              ) -> Callable[[np.ndarray, dict], pa.Table]:
-    """``(rows, batch) -> table`` of the batch's real rows (``real_cosine`` ``None``: NaN)."""
+def scores_of(scorer: Callable, tokens, real_cosine: Callable[[np.ndarray], np.ndarray] | None,
+              provenance: dict[str, np.ndarray] | None = None) -> Callable[[np.ndarray, dict], pa.Table]:
+    """``(rows, batch) -> table`` of the batch's real rows (``real_cosine`` ``None``: NaN), with the
+    :data:`PROVENANCE` columns when ``provenance`` (one row per pair of ``tokens``, in its order) is
+    given."""
 
     def compute(rows: np.ndarray, batch: dict) -> pa.Table:
         out = scorer(batch)
@@ -111,7 +129,7 @@ def scores_of(scorer: Callable, tokens, real_cosine: Callable[[np.ndarray], np.n
                 else np.asarray(real_cosine(tokens.index[rows]), np.float64))
         edit = np.array([baselines.minus_norm_edit_distance(tokens.chosen[i], tokens.rejected[i])
                          for i in rows], np.float64)
-        return pa.table({
+        table = pa.table({
             "index": pa.array(tokens.index[rows].astype(np.int64)),
             "ches": pa.array(out["ches"][:n].astype(np.float64)),
             "ln_ches": pa.array(out["ln_ches"][:n].astype(np.float64)),
@@ -122,23 +140,31 @@ def scores_of(scorer: Callable, tokens, real_cosine: Callable[[np.ndarray], np.n
             "chosen_len": pa.array(tokens.chosen.lengths[rows].astype(np.int32)),
             "rejected_len": pa.array(tokens.rejected.lengths[rows].astype(np.int32)),
         }, schema=SCHEMA)
+        if provenance is None:
+            return table
+        if not np.array_equal(provenance["index"][rows], tokens.index[rows]):
+            raise AssertionError("the provenance rows are not in the order of the tokens")
+        for f in PROVENANCE:
+            table = table.append_column(f, pa.array(provenance[f.name][rows], f.type))
+        return table
 
     return compute
 
 
 def make_real_cosine(model, tokenizer, data: str, *, batch_size: int, mesh, max_length: int | None,
-                     on_bad_record: str) -> Callable[[np.ndarray], np.ndarray]:
+                     on_bad_record: str, **options) -> Callable[[np.ndarray], np.ndarray]:
     """A function from record indices ``[n]`` to REAL cosines ``[n]`` of those records' responses.
 
     The records are read again as text (REAL embeds each response alone, tokenized on its own, not the
-    joint tokens CHES uses); the embedding forward passes run batch by batch, inside the resumable loop.
+    joint tokens CHES uses), with the same data ``options`` (format, split, subset) so the indices agree;
+    the embedding forward passes run batch by batch, inside the resumable loop.
     """
     from jaxalign import data as data_lib
     from jaxalign.analysis import real as real_lib
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", data_lib.DataWarning)  # already reported by load_pairs
-        pairs, _ = data_lib.read_pairs(data, on_bad_record=on_bad_record)
+        pairs, _ = data_lib.read_pairs(data, on_bad_record=on_bad_record, **options)
     by_index = {p.index: p for p in pairs}
 
     def real_cosine(indices: np.ndarray) -> np.ndarray:

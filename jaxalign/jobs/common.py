@@ -83,6 +83,17 @@ def load_pairs(data: str, tokenizer, *, limit: int | None = None, report: str | 
     return dataclasses.replace(ds, tokens=batch_lib.head(ds.tokens, limit))
 
 
+def data_options(cfg) -> dict[str, Any]:
+    """The :class:`~jaxalign.data.LoadConfig` fields chosen by a job's ``--format``, ``--split`` and
+    ``--subset`` (settings ``format``, ``split``, ``data_subset``), checked now: an unknown format fails
+    before any model is loaded."""
+    from jaxalign.data.load import make_config
+
+    options = {"format": cfg.format, "split": cfg.split, "subset": cfg.data_subset}
+    make_config(**options)
+    return options
+
+
 class Inputs(NamedTuple):
     """What a per-pair job works on: the model, its tokenizer, the pairs, their batches, and whether this
     process writes the files."""
@@ -97,11 +108,13 @@ class Inputs(NamedTuple):
 def open_inputs(cfg, table_path: Path, *, job: str, mesh=None, model_and_tokenizer=None,
                 check_model: Callable[[Any], None] | None = None) -> Inputs:
     """The common start of a resumable job whose settings ``cfg`` have ``model``, ``data``, ``batch_size``,
-    ``max_length``, ``limit``, ``on_bad_record``, ``chat`` and ``overwrite``: refuse a finished
+    ``max_length``, ``limit``, ``on_bad_record``, ``chat``, ``overwrite`` and the data choice
+    (:func:`data_options`): refuse a finished
     ``table_path`` (:func:`guard_finished`), load the model (``check_model(model)`` may refuse it before
     anything is written), create the output folder and load the pairs on the lead process, and plan the
     batches."""
     guard_finished(table_path, cfg.overwrite)
+    options = data_options(cfg)
     model, tokenizer = load_model(cfg.model, job=job, mesh=mesh, model_and_tokenizer=model_and_tokenizer)
     if check_model is not None:
         check_model(model)
@@ -110,7 +123,7 @@ def open_inputs(cfg, table_path: Path, *, job: str, mesh=None, model_and_tokeniz
         table_path.parent.mkdir(parents=True, exist_ok=True)
     loaded = load_pairs(cfg.data, tokenizer, max_length=cfg.max_length, limit=cfg.limit,
                         on_bad_record=cfg.on_bad_record, chat=cfg.chat,
-                        report=str(table_path.parent / "skipped.jsonl") if lead else None)
+                        report=str(table_path.parent / "skipped.jsonl") if lead else None, **options)
     require_pairs(loaded, cfg.data)
     return Inputs(model, tokenizer, loaded, Plan.of(loaded.tokens, cfg.batch_size, mesh), lead)
 

@@ -30,22 +30,23 @@ def run_displacement(before_path: str, after_path: str, data: str, out_dir: str,
     checkpoint's tokenizer. Returns a dict with ``summary``, ``pairs`` and ``tokens`` (the column dicts),
     for :func:`format_table`.
     """
-    from jaxalign.models import load_pretrained
+    from jaxalign.models import load_pretrained, lora
 
     cfg = Displacement(before=before_path, after=after_path, data=data, out=out_dir, **settings)
     before, tokenizer = load_pretrained(cfg.before)
-    after, _ = load_pretrained(cfg.after)
+    after = lora.load_adapter(load_pretrained(cfg.after)[0], cfg.adapter)
     if tokenizer is None:
         raise ConfigError(f"{cfg.before}: no tokenizer files; the before checkpoint must have a tokenizer")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = common.load_pairs(cfg.data, tokenizer, limit=cfg.limit, max_length=cfg.max_length,
-                                on_bad_record=cfg.on_bad_record, chat=cfg.chat, report=str(out / "skipped.jsonl"))
+                                on_bad_record=cfg.on_bad_record, chat=cfg.chat, report=str(out / "skipped.jsonl"),
+                                **common.data_options(cfg))
     common.require_pairs(dataset, cfg.data)
     pair_cols, token_cols = compare(before, after, dataset, top_k=cfg.top_k, batch_size=cfg.batch_size,
                                     tokenizer=tokenizer, progress=progress)
     store.write_table(pair_cols, out / "pairs.parquet", metadata={"before": cfg.before, "after": cfg.after,
-                                                                   "data": cfg.data})
+                                                                   "adapter": cfg.adapter, "data": cfg.data})
     store.write_table(token_cols, out / "rising_tokens.parquet", metadata={"top_k": cfg.top_k})
     summary = summarize(pair_cols, dataset.report, before=cfg.before, after=cfg.after, data=cfg.data,
                         top_k=cfg.top_k)

@@ -53,6 +53,7 @@ from jaxalign.errors import ConfigError
 from jaxalign.jobs import common
 from jaxalign.jobs.options import fingerprint
 from jaxalign.jobs.settings import Entangle
+from jaxalign.models import lora
 
 NUMERIC = ("grad_chosen_sqnorm", "grad_rejected_sqnorm", "grad_inner", "grad_cosine", "weight_chosen",
            "weight_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected")
@@ -92,14 +93,20 @@ def run(cfg: Entangle, *, mesh=None, progress: bool = True, after_batch: Callabl
     out = Path(cfg.out)
     table_path = out / "pairs.parquet"
     model, tokenizer, loaded, plan, lead = common.open_inputs(
-        cfg, table_path, job="entangle", mesh=mesh, model_and_tokenizer=model_and_tokenizer)
+        cfg, table_path, job="entangle", mesh=mesh, model_and_tokenizer=model_and_tokenizer,
+        check_model=lambda m: lora.load_adapter(m, cfg.adapter, mesh=mesh))
     tokens = loaded.tokens
-    chunks = store.ChunkedTable(table_path, fingerprint=fingerprint(
-        cfg, model=store.model_digest(cfg.model), ref=None if cfg.ref is None else store.model_digest(cfg.ref),
-        tokens=store.digest(tokens.to_arrays()), pairs=len(tokens), plan=plan.digest))
+    missing = [i for i in cfg.heatmaps if int(i) not in set(tokens.index.tolist())]
+    if missing:  # checked before any pair is computed, so a bad index leaves no partial output
+        raise ConfigError(f"--heatmap {missing[0]}: no kept record has this index")
+    # the parameter selection (--params, --last-blocks) is checked here too, before anything is written
     probe = ent.make_pair_grads(model, method=cfg.method, params=cfg.params, last_blocks=cfg.last_blocks,
                            per_layer=cfg.per_layer, chunk_size=cfg.chunk_size, mesh=mesh,
                            compiler_options=compiler_options)
+    chunks = store.ChunkedTable(table_path, fingerprint=fingerprint(
+        cfg, model=store.model_digest(cfg.model), ref=None if cfg.ref is None else store.model_digest(cfg.ref),
+        adapter=None if cfg.adapter is None else store.model_digest(cfg.adapter),
+        tokens=store.digest(tokens.to_arrays()), pairs=len(tokens), plan=plan.digest))
     methods_used: dict[str, str] = {}
     compute, side = _batch_fns(cfg, model, probe, tokens, out, chunks.resuming, mesh, compiler_options,
                                methods_used)
@@ -110,7 +117,7 @@ def run(cfg: Entangle, *, mesh=None, progress: bool = True, after_batch: Callabl
         return None
     for index in cfg.heatmaps:
         _heatmap(model, tokenizer, tokens, int(index), out, cfg.params, cfg.last_blocks, compiler_options)
-    about = {"model": cfg.model, "data": cfg.data, "loss": cfg.loss, "beta": cfg.beta,
+    about = {"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "loss": cfg.loss, "beta": cfg.beta,
              "loss_options": dict(cfg.loss_options), "method": cfg.method, "methods_used": methods_used,
              "params": list(cfg.params) if cfg.params else None, "last_blocks": cfg.last_blocks, "ref": cfg.ref,
              "parameters": int(sum(int(np.prod(probe.split.leaves[i].shape)) for i in probe.split.selected))}

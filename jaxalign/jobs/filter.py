@@ -6,11 +6,17 @@ kept records are written in input order and in the input's format: JSONL lines a
 JSON lists, CSV files, Parquet files and ``datasets`` folders keep their fields and types; a built-in set
 is written as JSONL (or JSON/Parquet, by the output's suffix) of its standard-format records. Records
 without a score (skipped as bad when scoring) are not written, and are counted.
+
+A multi-pair format (``ultrafeedback`` raw, ``nectar``: :mod:`jaxalign.data.schemas`) numbers pairs, not
+records: there the scores' ``index`` names a pair built from a record, so the kept *pairs* are written,
+as standard ``{"prompt", "chosen", "rejected"}`` records (JSONL, or JSON/Parquet by the output's suffix),
+built with the same rule as ``jaxalign ches`` used (``--format``, ``--split``, ``--subset`` must match).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -23,6 +29,9 @@ from jaxalign import store
 from jaxalign.analysis.filtering import select
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.jobs.settings import Filter
+
+#: source kinds written as standard records (a built-in set, a list, the pairs of a multi-pair format)
+_STANDARD_KINDS = ("builtin", "list", "pairs")
 
 _SUFFIX_KIND = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                 ".pq": "parquet", ".csv": "csv"}
@@ -48,7 +57,7 @@ def run_filter(data: str, scores_path: str, out: str, **settings) -> dict:
                         record=int(index[bad[0]]), field=by)
     if not index.size:
         raise DataError("no scored records (an empty table)", path=scores_path)
-    source = open_source(data, cfg.split)
+    source = pairs_source(open_source(data, cfg.split, cfg.data_subset), cfg.format)
     by_index = {r.index: r for r in source.records}
     unknown = [int(i) for i in index if int(i) not in by_index]
     if unknown:
@@ -65,11 +74,26 @@ def run_filter(data: str, scores_path: str, out: str, **settings) -> dict:
             "out": str(out)}
 
 
+def pairs_source(source, format: str | None = None):
+    """``source`` itself, or, when its format (``format``, else detected) builds several pairs per record,
+    the valid pairs built from it (kind ``"pairs"``: one standard record per pair, keyed by the pair's
+    ``index``, as in ``scores.parquet``)."""
+    from jaxalign.data.schemas import SCHEMAS, convert_source
+
+    converted = convert_source(source, format=format)
+    schema = SCHEMAS.get(converted.schema)
+    if schema is None or not schema.multi:
+        return source
+    pairs = [r for r in converted.source.records if r.error is None and r.value is not None]
+    return dataclasses.replace(converted.source, kind="pairs", records=pairs)
+
+
 def _out_kind(source, out: str) -> str:
     suffix = Path(out).suffix.lower()
-    if source.kind in ("builtin", "list"):
-        if suffix and suffix not in _SUFFIX_KIND:
-            raise ConfigError(f"--out {out}: write a built-in set as .jsonl, .json or .parquet")
+    if source.kind in _STANDARD_KINDS:
+        if suffix and suffix not in _SUFFIX_KIND or suffix == ".csv":
+            raise ConfigError(f"--out {out}: write a built-in set or the pairs of a multi-pair format as "
+                              ".jsonl, .json or .parquet")
         return _SUFFIX_KIND.get(suffix, "jsonl")
     if source.kind == "arrow":
         if suffix in _SUFFIX_KIND:

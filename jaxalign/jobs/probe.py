@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import time
@@ -232,65 +231,34 @@ class Source(NamedTuple):
     load: Callable[[], Any]
 
 
-def _abstract(params):
-    import jax
-
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        params)
-
-
 class RunCheckpoints:
-    """The Orbax checkpoints of a training run, read-only (a live run keeps saving next to us).
+    """The Orbax checkpoints of a training run, read through :meth:`Checkpointer.reader` (a live run keeps
+    saving next to us; nothing is created or deleted).
 
     Only the ``params`` of each saved ``state`` are read (a partial restore, no optimiser state), into the
     shardings of ``params_like`` — the current mesh, which may differ from the one that saved them.
     """
 
     def __init__(self, run_dir: str | Path):
-        import orbax.checkpoint as ocp
-
         self.directory = Path(run_dir).absolute() / "checkpoints"
-        self._ocp = ocp
-        self._manager = None
+        self._reader = None
 
-    def _mgr(self):
-        if self._manager is None:
-            if not self.directory.is_dir():
-                return None
-            ocp = self._ocp
-            # read_only: never delete anything (the run's own manager owns retention and temp folders).
-            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-            absl = logging.getLogger("absl")
-            level = absl.level
-            absl.setLevel(logging.ERROR)  # "directory is read only": what we asked for
-            try:
-                self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                      item_names=("state", "data", "meta"))
-            finally:
-                absl.setLevel(level)
-        return self._manager
+    def _open(self):
+        from jaxalign.train.checkpoint import Checkpointer
+
+        if self._reader is None and self.directory.is_dir():
+            self._reader = Checkpointer.reader(self.directory)
+        return self._reader
 
     def steps(self) -> list[int]:
-        mgr = self._mgr()
-        if mgr is None:
-            return []
-        mgr.reload()
-        return sorted(int(s) for s in mgr.all_steps())
+        reader = self._open()
+        return [] if reader is None else reader.all_steps()
 
     def meta(self, step: int) -> dict:
-        ocp = self._ocp
-        return self._mgr().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._open().read_meta(step)
 
     def restore_params(self, step: int, params_like):
-        ocp = self._ocp
-        target = {"params": _abstract(params_like)}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        try:
-            out = self._mgr().restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True)))
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            raise CheckpointError(f"{self.directory}/{step}: cannot restore the parameters: {err}") from None
-        return out["state"]["params"]
+        return self._open().restore_params(step, params_like)
 
 
 def load_run(run_dir: str | Path, mesh=None):
@@ -313,9 +281,22 @@ def load_run(run_dir: str | Path, mesh=None):
         raise ConfigError(f"{cfg_path}: not valid JSON ({err})") from None
     model_path = resolve_model_path(cfg.model.path)
     model, tokenizer = models.load_pretrained(model_path, dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh)
+    _add_run_adapters(model, cfg.lora, mesh)
     model_base.configure(model, dtype=None if cfg.model.dtype is None else jnp.dtype(cfg.model.dtype),
                          attention_impl=cfg.model.attention_impl, remat=None)
     return cfg, model, tokenizer, model_path
+
+
+def _add_run_adapters(model, lo, mesh) -> None:
+    """The adapters a LoRA run starts from (its ``lora:`` section): read from ``lora.adapter``, or fresh
+    with the run's seed (the same ``A``, and ``B = 0``, as the trainer's step 0)."""
+    from jaxalign.models import lora
+
+    if lo.adapter is not None:
+        lora.load_adapter(model, lo.adapter, option="lora.adapter", mesh=mesh)
+    elif lo.target is not None:
+        lora.apply(model, lora.LoRASettings(target=lo.target, r=lo.r, alpha=lo.alpha, rslora=lo.rslora),
+                   seed=lo.seed, mesh=mesh)
 
 
 def run_sources(ckpts: RunCheckpoints, params0, *, every: int | None = None,
@@ -345,10 +326,11 @@ def folder_steps(paths: Sequence[str]) -> list[int]:
 
 
 def folder_sources(paths: Sequence[str], params0, *, mesh=None, dtype=None, every: int | None = None,
-                   skip: Sequence[int] = ()) -> list[Source]:
+                   skip: Sequence[int] = (), adapter: str | None = None) -> list[Source]:
     """Hugging Face folders (or ``.gguf`` files) as sources; the first one's parameters are ``params0``.
 
-    Every folder must hold the same architecture (parameter names and shapes) as the first.
+    Every folder must hold the same architecture (parameter names and shapes) as the first; the PEFT
+    folder ``adapter`` (if any) is loaded onto each.
     """
     import jax
 
@@ -358,7 +340,10 @@ def folder_sources(paths: Sequence[str], params0, *, mesh=None, dtype=None, ever
         from jaxalign import models
         from jaxalign.train import step as step_lib
 
+        from jaxalign.models import lora
+
         model, _ = models.load_pretrained(path, dtype=dtype or jnp.float32, mesh=mesh)
+        lora.load_adapter(model, adapter, mesh=mesh)
         _, params = step_lib.ModelParts.split(model)
         a, b = jax.tree.structure(params), jax.tree.structure(params0)
         shapes = [x.shape for x in jax.tree.leaves(params)] == [x.shape for x in jax.tree.leaves(params0)]
@@ -527,7 +512,10 @@ def _load_source(cfg: Probe, mesh):
         for p in cfg.checkpoints:
             if not Path(p).exists():
                 raise ConfigError(f"--checkpoints {p}: no such folder or file")
+        from jaxalign.models import lora
+
         model, tokenizer = load_pretrained(cfg.checkpoints[0], mesh=mesh)
+        lora.load_adapter(model, cfg.adapter, mesh=mesh)
         run_loss, run_beta, run_opts, max_length = "sigmoid", 0.1, {}, cfg.max_length
         source_id = {"first": store.model_digest(cfg.checkpoints[0])}
     if tokenizer is None:
@@ -568,11 +556,18 @@ def run(cfg: Probe, *, mesh=None, progress: bool = True, after_checkpoint: Calla
     model, tokenizer, cfg, source_id = _load_source(cfg, mesh)
     if "entangle" in what:
         common.check_loss(cfg.loss, cfg.beta, cfg.loss_options)
-    parts, params0 = step_lib.ModelParts.split(model)
+    from flax import nnx
+
+    from jaxalign.models import lora
+
+    # a LoRA run's checkpoints hold its adapters only (the trainer's params); the base is model.path
+    parts, params0 = step_lib.ModelParts.split(
+        model, lora.LoRAParam if cfg.run is not None and lora.has_adapters(model) else nnx.Param)
     del model
     out.mkdir(parents=True, exist_ok=True)
     loaded = common.load_pairs(cfg.data, tokenizer, max_length=cfg.max_length, limit=cfg.limit,
-                               on_bad_record=cfg.on_bad_record, chat=cfg.chat, report=str(out / "skipped.jsonl"))
+                               on_bad_record=cfg.on_bad_record, chat=cfg.chat, report=str(out / "skipped.jsonl"),
+                               **common.data_options(cfg))
     common.require_pairs(loaded, cfg.data)
     tokens = loaded.tokens
     fp = {k: v for k, v in fingerprint(cfg, **source_id, tokens=store.digest(tokens.to_arrays()),
@@ -591,7 +586,8 @@ def run(cfg: Probe, *, mesh=None, progress: bool = True, after_checkpoint: Calla
     def sources():
         if ckpts is not None:
             return run_sources(ckpts, params0, every=cfg.every, skip=zarr_store.steps)
-        return folder_sources(list(cfg.checkpoints), params0, mesh=mesh, every=cfg.every, skip=zarr_store.steps)
+        return folder_sources(list(cfg.checkpoints), params0, mesh=mesh, every=cfg.every, skip=zarr_store.steps,
+                              adapter=cfg.adapter)
 
     probed = _probe_loop(cfg, out, zarr_store, measurer, sources, ckpts, len(tokens), progress, after_checkpoint)
     return {"out": str(out), "pairs": len(tokens), "steps": sorted(zarr_store.steps), "probed": probed}

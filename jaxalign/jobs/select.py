@@ -39,7 +39,7 @@ def run_select(model_path: str | None, data: str, out: str, *, fields: real.Grou
 
     cfg = Select(model=model_path, data=data, out=out, **settings)
     model, tokenizer = common.load_model(cfg.model, job="REAL", mesh=mesh, model_and_tokenizer=model_and_tokenizer)
-    source = open_source(cfg.data, cfg.split)
+    source = open_source(cfg.data, cfg.split, cfg.data_subset)
     summary: dict[str, Any] = {"method": cfg.method, "model": cfg.model, "data": cfg.data, "subset": cfg.subset,
                                "seed": cfg.seed, "max_length": cfg.max_length}
     embed = partial(real.embed_texts, model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,

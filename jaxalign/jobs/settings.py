@@ -78,6 +78,20 @@ def _count(help: str, metavar: str = "N", fingerprint: bool = True):
     return option(None, help=help, type=int, minimum=1, metavar=metavar, fingerprint=fingerprint)
 
 
+def _format():
+    return option(None, help="read the data as this format (`jaxalign data list`; default: detected from "
+                  "the columns)", metavar="NAME")
+
+
+def _split(help: str = "split of a DatasetDict or data-file folder (default train, or the only one)"):
+    return option(None, help=help, metavar="NAME")
+
+
+def _data_subset(flag: str = "--subset"):
+    return option(None, help="subset (sub-folder) of a hub data folder (default: all)", flag=flag,
+                  metavar="NAME")
+
+
 def _on_bad_record():
     return option("error", help="stop at the first bad record (default) or skip and list bad records",
                   choices=("error", "skip"))
@@ -104,7 +118,13 @@ def _method():
 
 def _params():
     return option(None, help="only parameters whose name matches this regular expression (repeatable), e.g. "
-                  "'attn\\.[qkv]_proj'", action="append", metavar="PATTERN")
+                  "'attn\\.[qkv]_proj'; 'lora': only the LoRA adapters' A and B (the other patterns then "
+                  "choose among them)", action="append", metavar="PATTERN")
+
+
+def _adapter(help: str = "a PEFT LoRA adapter folder loaded onto the model (adapter_config.json + "
+             "adapter_model.safetensors)"):
+    return option(None, help=help, metavar="PATH")
 
 
 def _typed_loss_options(loss, opts):
@@ -128,6 +148,10 @@ class Ches:
     model: str = _model()
     data: str = _data()
     out: str = _out("output folder: scores.parquet, summary.json, ches_hist.png, skipped.jsonl")
+    format: str | None = _format()
+    split: str | None = _split()
+    data_subset: str | None = _data_subset()
+    adapter: str | None = _adapter()
     batch_size: int = _batch_size()
     max_length: int | None = _max_length()
     limit: int | None = _limit("score only the first N valid pairs")
@@ -153,6 +177,10 @@ class Entangle:
     model: str = _model()
     data: str = _data()
     out: str = _out("output folder: pairs.parquet, summary.json, scatter.png, skipped.jsonl")
+    format: str | None = _format()
+    split: str | None = _split()
+    data_subset: str | None = _data_subset()
+    adapter: str | None = _adapter()
     loss: str = option("sigmoid", help="loss whose margin weights are used (default sigmoid; `jaxalign "
                        "losses` lists them)")
     beta: float = option(0.1, help="beta of the loss (default 0.1)", type=float)
@@ -191,12 +219,17 @@ class Probe:
 
     out: str = _out("output folder: probe.zarr, probe.parquet")
     data: str = _data("the probe pairs: JSONL/JSON/Parquet file, datasets folder, or built-in name")
+    format: str | None = _format()
+    split: str | None = _split()
+    data_subset: str | None = _data_subset()
     run: str | None = option(None, help="a `jaxalign train` output folder (step 0 = its initial weights, "
                              "then each Orbax checkpoint)", metavar="DIR", group="source", required=True,
                              fingerprint=False)
     checkpoints: list | None = option(None, help="Hugging Face folders (or .gguf files) in step order; the "
                                       "first is the reference", nargs="+", metavar="PATH", group="source",
                                       required=True, fingerprint=False)
+    adapter: str | None = _adapter("a PEFT LoRA adapter folder loaded onto every --checkpoints folder (a "
+                                   "LoRA --run's adapters come from its checkpoints)")
     what: str = option("logps,ches", help="comma-separated from logps, ches, entangle (default logps,ches; "
                        "log-probs always)", metavar="LIST")
     every: int | None = _count("only checkpoints whose step is a multiple of N", fingerprint=False)
@@ -227,6 +260,9 @@ class Probe:
         object.__setattr__(self, "loss_options", _typed_loss_options(self.loss, self.loss_options) or None)
         if (self.run is None) == (not self.checkpoints):
             raise ConfigError("give exactly one of --run DIR or --checkpoints PATH …")
+        if self.adapter is not None and self.run is not None:
+            raise ConfigError("--adapter goes with --checkpoints; a LoRA --run's adapters come from its "
+                              "checkpoints")
         if self.follow and self.run is None:
             raise ConfigError("--follow needs --run (a list of --checkpoints does not grow)")
         parse_what(self.what)
@@ -240,6 +276,11 @@ class Displacement:
     after: str = _model("checkpoint after training (HF folder or .gguf)")
     data: str = _data("preference pairs")
     out: str = _out("output folder: pairs.parquet, rising_tokens.parquet, summary.json")
+    format: str | None = _format()
+    split: str | None = _split()
+    data_subset: str | None = _data_subset()
+    adapter: str | None = _adapter("a PEFT LoRA adapter folder loaded onto --after (e.g. --before BASE "
+                                   "--after BASE --adapter run/final_adapter)")
     top_k: int = option(10, help="rising tokens kept per prompt (default 10)", type=int, minimum=1)
     batch_size: int = _batch_size(help="pairs per forward pass (default 8)")
     max_length: int | None = _max_length()
@@ -269,7 +310,9 @@ class Filter:
                                     "highest)", type=float, minimum=0.0, maximum=1.0, metavar="Q", group="how",
                                     required=True)
     n: int | None = option(None, help="number of pairs kept with --quantile", type=int, minimum=0)
-    split: str | None = option(None, help="split of a DatasetDict folder (default train)")
+    format: str | None = _format()
+    split: str | None = _split()
+    data_subset: str | None = _data_subset()
 
     def __post_init__(self):
         check(self)
@@ -293,7 +336,8 @@ class Select:
     batch_size: int = _batch_size(16, help="texts per forward pass (default 16)")
     max_length: int | None = _max_length(512, help="most tokens per response (default 512)")
     on_bad_record: str = _on_bad_record()
-    split: str | None = option(None, help="split of a DatasetDict folder (default train)")
+    split: str | None = _split()
+    data_subset: str | None = _data_subset("--data-subset")  # --subset is the selection rule here
 
     def __post_init__(self):
         check(self)

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import parallel
-from jaxalign.errors import ModelError
+from jaxalign.errors import ConfigError, ModelError
 from jaxalign.models import base
 
 LoRAParam = nnx.LoRAParam
@@ -322,3 +322,21 @@ def load_peft(model: nnx.Module, path: str | Path, *, mesh=None) -> nnx.Module:
         state = nnx.state(model, LoRAParam)
         nnx.update(model, jax.device_put(state, parallel.state_shardings(state, mesh)))
     return model
+
+
+def load_adapter(model: nnx.Module, path: str | Path | None, *, option: str = "--adapter", mesh=None
+                 ) -> nnx.Module:
+    """:func:`load_peft` for a job's ``--adapter PATH`` option (``None``: the model unchanged); a bad
+    folder is a ``ConfigError`` naming the option."""
+    if path is None:
+        return model
+    try:
+        return load_peft(model, path, mesh=mesh)
+    except ModelError as err:
+        raise ConfigError(f"{option} {path}: {err}") from None
+
+
+def adapter_names(model: nnx.Module, name_of) -> frozenset[str]:
+    """Names (``name_of(path)``, a pytree path of ``nnx.state``) of the model's :class:`LoRAParam` leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(nnx.state(model, LoRAParam))
+    return frozenset(name_of(p) for p, _ in flat)

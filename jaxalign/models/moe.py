@@ -9,7 +9,10 @@ largest probabilities pick the experts (renormalised to sum to one for Mixtral, 
 load-balancing loss is not computed: the DPO losses never see it.
 
 Dispatch is dense: every expert runs on every token and the unpicked ones are weighted by zero. That is
-exact, and simple to shard, but costs ``E / k`` times the FLOPs of a grouped dispatch.
+exact, and simple to shard, but costs ``E / k`` times the FLOPs of a grouped dispatch. The ``expert``
+logical axis maps to the mesh's ``expert`` axis (:mod:`jaxalign.parallel`): with
+``make_mesh((data, fsdp, tensor, expert))`` each device holds ``E / expert`` experts and the sum over the
+experts becomes an all-reduce.
 """
 
 from __future__ import annotations

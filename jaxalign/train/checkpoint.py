@@ -20,6 +20,7 @@ nothing (neither old checkpoints nor the temporary folder of a save in progress)
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,34 @@ class Checkpointer:
     @classmethod
     def reader(cls, directory: str | Path) -> "Checkpointer":
         """A read-only view of the run's checkpoints under ``directory`` (safe next to a writer)."""
-        return cls(directory, async_save=False, read_only=True)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # Orbax logs "directory is read only": what we asked for
+        try:
+            return cls(directory, async_save=False, read_only=True)
+        finally:
+            absl.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        """The saved steps, ascending (a reader looks again: a live run may have saved since)."""
+        if self.read_only:
+            self._manager.reload()
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def restore_params(self, step: int, params_like):
+        """The ``params`` of checkpoint ``step`` alone (a partial restore: no optimizer state is read),
+        placed like ``params_like`` (arrays or ``jax.ShapeDtypeStruct``s with shardings)."""
+        target = {"params": _abstract(params_like)}
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore the parameters: {err}") from None
+        return out["state"]["params"]
 
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         """Saves ``state`` (arrays), ``data_state`` and ``meta`` (JSON) as checkpoint ``step``."""
@@ -84,8 +106,7 @@ class Checkpointer:
           target: a pytree like the state whose leaves are placed arrays or ``jax.ShapeDtypeStruct``s
             with the shardings to restore into (the current mesh).
         """
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), target)
+        abstract = _abstract(target)
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
@@ -100,3 +121,9 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _abstract(tree):
+    """``jax.ShapeDtypeStruct``s (with the leaves' shardings) of a pytree of arrays or structs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
