@@ -8,6 +8,7 @@ expected pair, score and index is written out here by hand from those records.
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -190,3 +191,23 @@ def test_filter_of_nectar_pairs_follows_ches_indices(model, tmp_path):
             ("\n\nHuman: 2+2?\n\nAssistant:", " 4", " 5")][lowest]
     assert [json.loads(line) for line in kept.read_text().splitlines()] == [
         {"prompt": want[0], "chosen": want[1], "rejected": want[2]}]
+
+
+def test_training_ledger_carries_the_probe_pairs_provenance(model, tmp_path):
+    """The ledger of a run on UltraFeedback (raw) records each probe pair's record index and origin."""
+    from jaxalign.train import config, loop
+    from jaxalign.train.ledger import read_ledger
+
+    path = _write(tmp_path / "uf.jsonl", UF)
+    cfg = config.from_dict({
+        "model": {"path": model}, "data": {"train": str(path), "probe_size": 2},
+        "optim": {"name": "sgd", "lr": 0.1}, "train": {"batch_size": 2, "steps": 1}, "mesh": {"data": 1},
+        "intervals": {"probe": None, "ledger": 1, "checkpoint": None},
+        "checkpoint": {"export": False, "async_save": False},
+        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")})
+    summary = loop.train(cfg, progress=False)
+    ledger = read_ledger(Path(summary["output_dir"]) / "ledger.zarr")
+    assert ledger["pair_index"].tolist() == [0, 1]      # pairs are numbered in this format
+    for name, want in UF_PROVENANCE.items():             # written by hand above from the records
+        np.testing.assert_array_equal(ledger[f"pair_{name}"], want, err_msg=name)
+    assert ledger["margin"].shape == (2, 2)              # steps 0 and 1, two probe pairs

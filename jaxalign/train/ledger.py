@@ -12,6 +12,10 @@ array                  shape     meaning
 ``chosen_rewards``     [S, N]    β·(chosen_logps − reference chosen_logps)
 ``rejected_rewards``   [S, N]    β·(rejected_logps − reference rejected_logps)
 ``margin``             [S, N]    chosen_rewards − rejected_rewards
+``pair_index``         [N]       the record index of each probe pair in its data set
+``pair_<provenance>``  [N]       where each pair came from (``source_index``, ``chosen_response``,
+                                 ``rejected_response``, ``chosen_score``, ``rejected_score``,
+                                 ``margin``: :data:`jaxalign.data.schemas.PROVENANCE_COLUMNS`)
 =====================  ========  ==========================================================
 
 Rows are appended in step order; on resume :meth:`Ledger.truncate` drops rows after the restored
@@ -23,6 +27,7 @@ or any zarr v3 reader.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -35,7 +40,7 @@ CHUNK_ROWS = 64
 class Ledger:
     """Opens (or creates) ``path`` for ``num_pairs`` probe pairs (a :class:`jaxalign.store.ZarrGroup`)."""
 
-    def __init__(self, path: str | Path, num_pairs: int):
+    def __init__(self, path: str | Path, num_pairs: int, pairs: Mapping[str, np.ndarray] | None = None):
         self.path = Path(path)
         self.num_pairs = num_pairs
         self._group = store.ZarrGroup(self.path, attributes={})
@@ -49,6 +54,23 @@ class Ledger:
         held = int(g.arrays["margin"].shape[1])
         if held != num_pairs:
             raise ValueError(f"{self.path}: ledger has {held} probe pairs, the run has {num_pairs}")
+        if pairs is not None:
+            self._write_pairs(pairs)
+
+    def _write_pairs(self, pairs: Mapping[str, np.ndarray]) -> None:
+        """The probe pairs' record ``index`` and provenance as ``pair_<name>`` arrays ``[N]`` (once)."""
+        g = self._group
+        for name, values in pairs.items():
+            values = np.asarray(values)
+            if values.shape != (self.num_pairs,):
+                raise ValueError(f"{self.path}: pairs[{name!r}] has shape {values.shape}, expected "
+                                 f"({self.num_pairs},)")
+            key = f"pair_{name}"
+            if not g.has(key):
+                g.create(key, [self.num_pairs], values.dtype.name, chunks=[max(self.num_pairs, 1)],
+                         dims=["example"])
+                g.arrays[key].write(values).result()
+            g.arrays.pop(key, None)  # not appended by step: keep it out of the row resizes
 
     @property
     def num_rows(self) -> int:
@@ -83,5 +105,6 @@ class Ledger:
 
 
 def read_ledger(path: str | Path) -> dict[str, np.ndarray]:
-    """Every array of a ledger as NumPy (``step`` ``[S]`` and the columns ``[S, N]``)."""
-    return {name: store.read_zarr(Path(path) / name) for name in ("step",) + COLUMNS}
+    """Every array of a ledger as NumPy (``step`` ``[S]``, the columns ``[S, N]``, the ``pair_*`` ``[N]``)."""
+    pair_arrays = sorted(p.name for p in Path(path).glob("pair_*") if (p / "zarr.json").exists())
+    return {name: store.read_zarr(Path(path) / name) for name in ("step",) + COLUMNS + tuple(pair_arrays)}

@@ -81,18 +81,27 @@ class TrainingDiverged(JaxAlignError):
 def load_tokens(source, tokenizer, data_cfg, *, cache_dir: str | None = None, limit: int | None = None):
     """Reads, validates and tokenizes one preference set (``jaxalign.data.load_pairs``, cached): a path,
     a built-in name or a list of records; returns its ``TokenizedPairs`` (the first ``limit`` pairs)."""
+    return load_tokens_and_provenance(source, tokenizer, data_cfg, cache_dir=cache_dir, limit=limit)[0]
+
+
+def load_tokens_and_provenance(source, tokenizer, data_cfg, *, cache_dir: str | None = None,
+                               limit: int | None = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """:func:`load_tokens` and the pairs' provenance (``jaxalign.data.PairDataset.provenance``: the
+    record ``index`` and where each pair came from, one row per pair in token order)."""
     from jaxalign import data
 
     dataset = data.load_pairs(source, tokenizer, max_length=data_cfg.max_length,
                               max_prompt_length=data_cfg.max_prompt_length, cache_dir=cache_dir,
                               format=data_cfg.format, chat=data_cfg.chat, append_eos=data_cfg.append_eos)
     tokens = dataset.tokens
+    provenance = dict(dataset.provenance or {"index": np.asarray(tokens.index, np.int64)})
     if limit is not None and limit < len(tokens):
         tokens = subset(tokens, np.arange(limit))
+        provenance = {k: v[:limit] for k, v in provenance.items()}
     if len(tokens) == 0:
         name = source if isinstance(source, (str, os.PathLike)) else "the given pairs"
         raise ConfigError(f"{name}: no usable preference pairs")
-    return tokens
+    return tokens, provenance
 
 
 def subset(tokens, rows: np.ndarray):
@@ -307,14 +316,18 @@ def _load_sets(cfg: RunConfig, tokenizer, train_source, cache_dir: str) -> dict[
     """The train, eval (when ``data.eval``) and probe sets, tokenized (cached in ``cache_dir``)."""
     d = cfg.data
     tok_cache = str(Path(cache_dir) / "tokenized")
-    train_tokens = load_tokens(train_source, tokenizer, d, cache_dir=tok_cache, limit=d.limit)
+    train_tokens, train_prov = load_tokens_and_provenance(train_source, tokenizer, d, cache_dir=tok_cache,
+                                                          limit=d.limit)
     sets = {"train": DataSet("train", train_tokens, set_lengths(train_tokens, d, "train"))}
     if d.eval:
         t = load_tokens(d.eval, tokenizer, d, cache_dir=tok_cache)
         sets["eval"] = DataSet("eval", t, set_lengths(t, d, "eval"))
-    probe_src = load_tokens(d.probe, tokenizer, d, cache_dir=tok_cache) if d.probe else train_tokens
-    probe_tokens = subset(probe_src, np.arange(min(d.probe_size, len(probe_src))))
-    sets["probe"] = DataSet("probe", probe_tokens, set_lengths(probe_tokens, d, "probe"))
+    probe_src, probe_prov = (load_tokens_and_provenance(d.probe, tokenizer, d, cache_dir=tok_cache) if d.probe
+                             else (train_tokens, train_prov))
+    n = min(d.probe_size, len(probe_src))
+    probe_tokens = subset(probe_src, np.arange(n))
+    sets["probe"] = DataSet("probe", probe_tokens, set_lengths(probe_tokens, d, "probe"),
+                            provenance={k: v[:n] for k, v in probe_prov.items()})
     return sets
 
 
@@ -427,7 +440,8 @@ def _open_writers(run: Run) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if cfg.intervals.ledger:
-            run.measure.ledger = Ledger(out / "ledger.zarr", len(run.sets["probe"].tokens))
+            probe = run.sets["probe"]
+            run.measure.ledger = Ledger(out / "ledger.zarr", len(probe.tokens), pairs=probe.provenance)
             run.measure.ledger.truncate(run.start_step if run.resumed else -1)
     run.log = MetricsLog(out / "metrics.jsonl", run.primary, run.start_step if run.resumed else None)
 

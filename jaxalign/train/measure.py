@@ -78,6 +78,7 @@ class DataSet:
     tokens: Any
     lengths: tuple[int, int]
     ref: dict[str, np.ndarray] | None = None
+    provenance: dict[str, np.ndarray] | None = None  # record index and origin of each pair (the ledger's)
 
 
 @dataclasses.dataclass(frozen=True)
