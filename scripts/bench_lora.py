@@ -13,6 +13,7 @@ in its own subprocess, so its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_max
 
     python scripts/bench_lora.py                       # SmolLM2, prints a table
     python scripts/bench_lora.py --model path/to/hf_folder --batch 2 --prompt 32 --response 16
+    python scripts/bench_lora.py --record docs/bench/lora.jsonl   # also appends the raw results
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=2, help="steps per side (the first compiles)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q,k,v,o", help="LoRA short names (q,k,v,o,gate,up,down)")
+    p.add_argument("--record", type=Path, help="append the settings, machine and results as a JSON line")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -108,6 +110,14 @@ def main(argv=None) -> None:
     for r in results:
         step = "" if r["step_s"] is None else f"{r['step_s']:.2f}"
         print(f"{r['side']:12s} {r['trained']:>14,d} {r['peak_mb']:>11.0f} {step:>7s}")
+    if args.record:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _cpu_name(), "cpus": os.cpu_count(),
+                 "load_average": os.getloadavg(), "model": args.model.name, "batch": args.batch,
+                 "prompt": args.prompt, "response": args.response, "rank": args.rank,
+                 "targets": args.targets, "results": results}
+        with open(args.record, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 if __name__ == "__main__":
