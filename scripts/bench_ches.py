@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_record
+
 import numpy as np
 
 METHODS = ("paper", "batched", "batched-sorted", "jaxalign")
@@ -282,6 +284,7 @@ def main() -> None:
                         help="run the methods in turn this many times and keep each one's best round "
                              "(fairer on a shared machine; default 1)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--record", help="append the settings, machine, load and raw results as one JSON line here")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -295,6 +298,7 @@ def main() -> None:
           f"{tokens.prompt.lengths.mean():.1f} tokens, mean responses {tokens.chosen.lengths.mean():.1f} / "
           f"{tokens.rejected.lengths.mean():.1f} (EOS included); batch size {args.batch_size}")
     print(f"load average before: {_load_avg()} ({os.cpu_count()} cores)")
+    load_before = os.getloadavg()
     rate = matmul_rate()
     peak = max(rate.values())
     print("float32 matmul 2048³: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rate.items()))
@@ -316,6 +320,7 @@ def main() -> None:
                 print(f"  round {k + 1} {method}: {r['pairs'] / r['steady_s']:.2f} pairs/s "
                       f"(load before {load})", flush=True)
     print(f"load average after: {_load_avg()}")
+    load_after = os.getloadavg()
     # The rate again at the end: on a shared machine either measurement can be depressed; keep the best.
     for k, v in matmul_rate().items():
         rate[k] = max(rate[k], v)
@@ -352,12 +357,16 @@ def main() -> None:
     if args.rounds > 1:
         print("pairs/s per round: " + "; ".join(f"{m} " + " ".join(f"{x:.2f}" for x in v)
                                                 for m, v in rounds.items()))
+    slim = {m: {k: v for k, v in r.items() if k not in ("ches", "ln_ches", "last_hidden_ip", "scale")}
+            for m, r in results.items()}
+    for m in slim:
+        slim[m]["rounds_pairs_per_s"] = rounds[m]
     if args.json:
-        slim = {m: {k: v for k, v in r.items() if k not in ("ches", "ln_ches", "last_hidden_ip", "scale")}
-                for m, r in results.items()}
-        for m in slim:
-            slim[m]["rounds_pairs_per_s"] = rounds[m]
         Path(args.json).write_text(json.dumps({"matmul_gflops": rate, "results": slim}, indent=2))
+    if args.record:
+        settings = {k: v for k, v in vars(args).items() if k not in ("child", "result")}
+        bench_record.append(args.record, "bench_ches.py", settings, {"matmul_gflops": rate, "methods": slim},
+                            load_before=load_before, load_after=load_after)
 
 
 if __name__ == "__main__":

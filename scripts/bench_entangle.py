@@ -20,7 +20,7 @@ torch and jax, measured at the start) they reach. ``--memory-scaling`` also comp
 parameters probed at the same depth of backward pass.
 
     python scripts/bench_entangle.py --limit 16 --ref-limit 6
-    python scripts/bench_entangle.py --record docs/benchmarks.md     # appends the table
+    python scripts/bench_entangle.py --record docs/bench/entangle.jsonl   # appends the raw results
 
 The 2 cores of the development machine are shared: run it when ``uptime`` is low; the load is printed.
 """
@@ -31,13 +31,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bench_record
 
 import numpy as np
 
@@ -297,16 +298,6 @@ def _load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def run_case(case, model, args, tmp, *, limit, params=None, compile_only=False) -> dict:
     out = Path(tmp) / f"{case}-{Path(model).name}-{params is not None}.json"
     cmd = [sys.executable, __file__, "--child", case, "--result", str(out), "--model", model, "--data",
@@ -336,7 +327,8 @@ def main() -> None:
     parser.add_argument("--memory-scaling", action="store_true",
                         help="also compile gram and exact for the q_proj weights only (memory against "
                              "the number of parameters probed, the backward pass as deep)")
-    parser.add_argument("--record", help="append the results as a markdown section to this file")
+    parser.add_argument("--record", help="append the settings, machine, load and raw results as one JSON line here")
+    parser.add_argument("--markdown", help="append the results as a markdown section to this file")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -355,7 +347,7 @@ def main() -> None:
         models = []
     t_start = time.time()
     load_start = _load_avg()
-    print(f"load average before: {load_start} ({os.cpu_count()} cores, {_cpu_name()})", flush=True)
+    print(f"load average before: {load_start} ({os.cpu_count()} cores, {bench_record.cpu_name()})", flush=True)
     rate = matmul_rate()
     peak = max(rate.values())
     print("float32 matmul 2048³: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rate.items()), flush=True)
@@ -414,9 +406,15 @@ def main() -> None:
     print(f"load average after: {load_end}; {minutes:.1f} min")
     text = _markdown(rows, scaling, rate, peak, load_start, load_end, args, minutes)
     print("\n" + text)
-    if args.record:
-        with open(args.record, "a") as f:
+    if args.markdown:
+        with open(args.markdown, "a") as f:
             f.write("\n" + text)
+    if args.record:
+        settings = {k: v for k, v in vars(args).items() if k not in ("child", "result", "params", "compile_only")}
+        bench_record.append(args.record, "bench_entangle.py", settings,
+                            {"matmul_gflops": rate, "results": raw, "memory_scaling": scaling},
+                            load_before=[float(x) for x in load_start.split()],
+                            load_after=[float(x) for x in load_end.split()])
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_gflops": rate, "results": raw}, indent=2, default=str))
 
@@ -438,7 +436,7 @@ def _markdown(rows, scaling, rate, peak, load_start, load_end, args, minutes) ->
              "same pairs (relative to ‖g_w‖‖g_l‖).", "",
              f"#### Run of {datetime.date.today().isoformat()}", "",
              f"`python scripts/bench_entangle.py --limit {args.limit} --ref-limit {args.ref_limit} "
-             f"--batch-size {args.batch_size}` — {_cpu_name()}, {os.cpu_count()} CPUs; load average "
+             f"--batch-size {args.batch_size}` — {bench_record.cpu_name()}, {os.cpu_count()} CPUs; load average "
              f"{load_start} before, {load_end} after ({minutes:.0f} min); float32 matmul 2048³: "
              + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()) + " GFLOP/s.", "",
              "| model | case | pairs/s | × paper | peak RSS MB (+ over loaded) | XLA temp MB/pair | "

@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bench_record
 
 
 def _rss_mb() -> float:
@@ -168,16 +169,6 @@ def _default_model() -> Path:
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None,
@@ -188,6 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=2, help="subprocess runs per side, alternating")
+    p.add_argument("--record", type=Path, default=None,
+                   help="append the settings, machine, load and raw results as one JSON line here")
     p.add_argument("--child", choices=["jax", "torch", "matmul"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -212,7 +205,7 @@ def main(argv=None) -> None:
     tokens = args.batch * args.seq
     flops = forward_flops(config, args.batch, args.seq)
     peak = max(mm["numpy_gflops"], mm["jax_gflops"]) * 1e9
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, threads {args.threads}; "
+    print(f"machine: {bench_record.cpu_name()}, {os.cpu_count()} CPUs, threads {args.threads}; "
           f"load avg before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     print(f"model: {args.model} ({config.get('model_type')}), batch {args.batch} x {args.seq} tokens, "
           f"{flops / 1e9:.1f} GFLOP per forward")
@@ -230,6 +223,13 @@ def main(argv=None) -> None:
           f"{results['torch']['attn']}, threads {results['torch']['threads']}")
     print(f"ratio jaxalign / PyTorch tokens/s: {rates['jax'] / rates['torch']:.2f}x (medians), "
           f"{best_rates['jax'] / best_rates['torch']:.2f}x (best times)")
+    if args.record:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
+        bench_record.append(args.record, "bench_forward.py", settings,
+                            {"matmul": mm, "sides": results, "gflop_per_forward": flops / 1e9,
+                             "ratio_median": rates["jax"] / rates["torch"],
+                             "ratio_best": best_rates["jax"] / best_rates["torch"]},
+                            load_before=load_before, load_after=load_after)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ thread count):
   backward) plus ``optimizer.step()``, the reference computed on the fly (TRL's default);
 * ``jaxalign`` — the jitted :func:`jaxalign.train.step.train_step` with cached reference log-probs
   (the default: no reference forward per step) and the prompt run once (``pairs.pair_forward``);
-* ``jaxalign-online`` — the same with the reference forward in the step (``loss.reference: online``).
+* ``jaxalign-online`` — the same with the reference forward in the step (``loss.reference: online``);
+* ``jaxalign-telemetry`` — ``jaxalign`` with ``telemetry.pairs: true``: every pair's ‖g_w‖², ‖g_l‖²,
+  ⟨g_w, g_l⟩, margin weight and predicted case from the step's own pass (:mod:`jaxalign.train.telemetry`);
+  the table ends with its time over ``jaxalign``'s (same run, same threads).
 
 Times are medians after compilation/warm-up. FLOPs (matmuls and attention; logits only at the 2B·R
 positions that predict response tokens, which is all either side computes): TRL's work is 4
@@ -38,7 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_forward import _cpu_name, _default_model, forward_flops, run_matmul  # noqa: E402
+from bench_forward import _default_model, forward_flops, run_matmul  # noqa: E402
+from bench_record import cpu_name as _cpu_name  # noqa: E402
 
 
 def _peak_mb() -> float:
@@ -93,7 +97,7 @@ def run_trl(args) -> dict:
     return dict(side="trl", times=times, compile_s=0.0, peak_mb=_peak_mb(), threads=torch.get_num_threads())
 
 
-def run_jax(args, online: bool) -> dict:
+def run_jax(args, online: bool, telemetry: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -114,7 +118,7 @@ def run_jax(args, online: bool) -> dict:
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     ocfg = config.OptimConfig(name="adamw", lr=1e-6)
     opt, sched = optim.make_optimizer(ocfg, 100), optim.make_schedule(ocfg, 100)
-    spec = step_lib.Objective(names=("sigmoid",), weights=None, beta=0.1)
+    spec = step_lib.Objective(names=("sigmoid",), weights=None, beta=0.1, telemetry=telemetry)
     ref = jax.tree.map(jnp.copy, params) if online else None
     state = step_lib.init_state(opt, params, None, None)
     fn = step_lib.jit_train_step(parts=parts, spec=spec, optimizer=opt, schedule=sched, state_shardings=None,
@@ -132,7 +136,8 @@ def run_jax(args, online: bool) -> dict:
         state, m = fn(state, batch, parts.rest, ref)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-    return dict(side="jaxalign-online" if online else "jaxalign", times=times, compile_s=compile_s,
+    side = "jaxalign-online" if online else "jaxalign-telemetry" if telemetry else "jaxalign"
+    return dict(side=side, times=times, compile_s=compile_s,
                 peak_mb=_peak_mb(), device=str(jax.devices()[0]))
 
 
@@ -159,14 +164,16 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--sides", default="trl,jaxalign,jaxalign-online")
+    p.add_argument("--sides", default="trl,jaxalign,jaxalign-online,jaxalign-telemetry")
     p.add_argument("--record", type=Path, default=None, help="append the results as one JSON line here")
     p.add_argument("--tmp", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child", choices=["trl", "jaxalign", "jaxalign-online", "matmul"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["trl", "jaxalign", "jaxalign-online", "jaxalign-telemetry", "matmul"],
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         fns = {"trl": run_trl, "jaxalign": lambda a: run_jax(a, False),
-               "jaxalign-online": lambda a: run_jax(a, True), "matmul": run_matmul}
+               "jaxalign-online": lambda a: run_jax(a, True),
+               "jaxalign-telemetry": lambda a: run_jax(a, False, telemetry=True), "matmul": run_matmul}
         print(json.dumps(fns[args.child](args)))
         return
 
@@ -188,7 +195,9 @@ def main(argv=None) -> None:
     fwd_rows = body(2 * B, T) + head
     cross = (body(2 * B, T) - body(2 * B, R) - body(2 * B, P)) / 2
     fwd_shared = body(B, P) + body(2 * B, R) + cross + head
-    work = {"trl": 4 * fwd_rows, "jaxalign": 3 * fwd_shared, "jaxalign-online": 4 * fwd_shared}
+    # telemetry: the same useful work (its Gram products are overhead, shown as the time ratio)
+    work = {"trl": 4 * fwd_rows, "jaxalign": 3 * fwd_shared, "jaxalign-online": 4 * fwd_shared,
+            "jaxalign-telemetry": 3 * fwd_shared}
     peak = max(mm["numpy_gflops"], mm["jax_gflops"]) * 1e9
     lines = [f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, threads {args.threads}; "
              f"load avg before {load_before[0]:.2f}, after {load_after[0]:.2f}",
@@ -209,6 +218,9 @@ def main(argv=None) -> None:
         for side in summary:
             if side != "trl":
                 lines.append(f"speed-up {side} over TRL: {summary['trl']['median_s'] / summary[side]['median_s']:.2f}x")
+    if "jaxalign" in summary and "jaxalign-telemetry" in summary:
+        lines.append(f"telemetry cost: jaxalign-telemetry / jaxalign = "
+                     f"{summary['jaxalign-telemetry']['median_s'] / summary['jaxalign']['median_s']:.2f}x per step")
     print("\n".join(lines))
     if args.record:
         with open(args.record, "a") as f:

@@ -62,9 +62,9 @@ def _check_clean_failure(argv, capsys, out: Path | None):
     if lines and lines[0].startswith("usage:"):  # argparse's own report: usage block, then the error
         lines = [line for line in lines if "error:" in line]
     assert len(lines) == 1 and "error:" in lines[0], (argv, err)
-    if out is not None:  # nothing but the list of skipped records (a complete file, written on reading)
+    if out is not None:  # nothing at all (skipped.jsonl is written only once the inputs passed every check)
         left = sorted(p.name for p in out.iterdir()) if out.exists() else []
-        assert left in ([], ["skipped.jsonl"]), (argv, left)
+        assert left == [], (argv, left)
 
 
 # --- the generated bad values --------------------------------------------------------------------------
@@ -83,6 +83,7 @@ def _job_args(f, command: str, out: str) -> list[str]:
             "displacement": ["--before", m, "--after", m, "--data", d, "--out", out],
             "probe": ["--checkpoints", m, m, "--data", d, "--out", out],
             "select": ["--model", m, "--data", d, "--out", out + ".jsonl", "--subset", "easy"],
+            "sample": [m, "--data", d, "--out", out + ".jsonl"],
             "filter": ["--data", d, "--scores", f["missing"], "--out", out + ".jsonl", "--drop-top", "0.1"]}[command]
 
 
@@ -90,10 +91,11 @@ _COUNTS = {"ches": ["--batch-size", "--limit", "--max-length"],
            "entangle": ["--batch-size", "--limit", "--chunk-size", "--sketch-dim", "--last-blocks", "--max-length"],
            "displacement": ["--batch-size", "--limit", "--top-k", "--max-length"],
            "probe": ["--batch-size", "--limit", "--every", "--chunk-size", "--last-blocks"],
-           "select": ["--batch-size", "--max-length"]}
+           "select": ["--batch-size", "--max-length"],
+           "sample": ["--samples-per-prompt", "--batch-size", "--limit", "--max-new-tokens", "--max-prompt-length"]}
 _CHOICES = {"ches": ["--on-bad-record"], "entangle": ["--method", "--sketch-kind", "--on-bad-record"],
             "displacement": ["--on-bad-record"], "probe": ["--method", "--on-bad-record"],
-            "select": ["--subset", "--method", "--on-bad-record"]}
+            "select": ["--subset", "--method", "--on-bad-record"], "sample": ["--ties", "--on-bad-record"]}
 
 
 @pytest.mark.parametrize("command", sorted(_COUNTS))
@@ -178,6 +180,10 @@ _DEEP = {
     "entangle_heatmap": (["entangle", "--heatmap", "{big}"], "entangle"),
     "probe_what": (["probe", "--what", "logps,bogus"], "probe"),
     "select_fraction": (["select", "--fraction", "-{big}"], "select"),
+    "sample_judge": (["sample", "--judge", "bogus{big}"], "sample"),
+    "sample_python_judge": (["sample", "--judge", "python:no_such_module_{big}:f"], "sample"),
+    "sample_top_p": (["sample", "--top-p", "{big}"], "sample"),
+    "sample_all_skipped": (["sample", "--on-bad-record", "skip", "--data", "{bad}"], "sample"),
     "displacement_all_skipped": (["displacement", "--on-bad-record", "skip", "--data", "{bad}"], "displacement"),
     "inspect_limit": (["data", "inspect", "--data", "{good}", "--limit", "-{big}"], None),
     "inspect_sample": (["data", "inspect", "--data", "{good}", "--sample", "-{big}"], None),

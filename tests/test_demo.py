@@ -49,10 +49,13 @@ def tiny(tmp_path_factory):
     make_tiny_tokenizer(model)
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _pairs(24)))
-    return {"model": model, "data": data, "root": root}
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _pairs(24)))
+    return {"model": model, "data": data, "prompts": prompts, "root": root}
 
 
-def _demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _demo(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    # The timeout only stops a hung run: a shared 2-core machine at load 20 needs minutes for 4 runs.
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "jaxalign.cli", "demo", "--no-progress", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -66,13 +69,22 @@ def _read_ledger(path: Path) -> dict[str, np.ndarray]:
             for name in ("step", "chosen_logps", "rejected_logps")}
 
 
+#: the demo's default shape in small: on-policy pairs sampled by the model, and the two mitigation runs
+ON_POLICY = ("--max-new-tokens", "6", "--mitigations")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tiny):
     out = tiny["root"] / "demo_out"
-    r = _demo("--quick", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out),
-              "--lr", "1e-3")
+    r = _demo("--quick", "--model", str(tiny["model"]), "--prompts", str(tiny["prompts"]), *ON_POLICY,
+              "--out", str(out), "--lr", "1e-3")
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r
+
+
+def _row(md: str, label: str) -> list[str]:
+    row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
 
 
 @pytest.mark.slow
@@ -96,24 +108,40 @@ def test_quick_demo_writes_the_report_with_the_measured_numbers(demo_run):
     # The subsets are the highest and lowest LN-CHES pairs of the pool.
     assert min(ln[i] for i in high) >= max(ln[i] for i in low)
 
-    d_all, score_all = [], []
-    for name, idx in (("high", high), ("low", low)):
+    # The filter's pool: every scored pair less the 8 highest-LN-CHES ones (all pairs here form the pool).
+    filtered = subsets["filtered"]
+    assert subsets["pool_size"] == len(ln) == 24
+    assert sorted(filtered) == sorted(sorted(ln, key=ln.get)[:16]) and not set(filtered) & set(high)
+
+    d_all, score_all, d_mean = [], [], {}
+    labels = {"high": "highest LN-CHES", "low": "lowest LN-CHES", "filtered": "filtered pool",
+              "sft": "DPO+SFT, highest LN-CHES"}
+    for name, idx in (("high", high), ("low", low), ("filtered", filtered), ("sft", high)):
         led = _read_ledger(out / "train" / name / "ledger.zarr")
         assert led["step"][0] == 0 and led["step"][-1] == 2 and led["chosen_logps"].shape[1] == len(idx)
         dc = led["chosen_logps"][-1].astype(np.float64) - led["chosen_logps"][0]
         dr = led["rejected_logps"][-1].astype(np.float64) - led["rejected_logps"][0]
         assert np.all(np.isfinite(dc)) and np.any(dc != 0)
-        row = next(line for line in md.splitlines() if line.startswith(f"| {name}est LN-CHES |"))
-        cells = [c.strip() for c in row.strip("|").split("|")]
+        cells = _row(md, labels[name])
         se = dc.std(ddof=1) / np.sqrt(dc.size)
+        d_mean[name] = dc.mean()
         assert cells[1] == str(len(idx))
         assert cells[2] == format_cell(float(np.mean([ln[i] for i in idx])))
         assert cells[4] == format_cell(float(dc.mean())), (cells, dc.mean())
         assert cells[5] == format_cell(float(se))
         assert cells[6] == format_cell(float(dr.mean()))
         assert cells[8] == format_cell(float((dc < 0).mean()))
-        d_all += dc.tolist()
-        score_all += [ches[i] for i in idx]
+        if name in ("high", "low"):
+            d_all += dc.tolist()
+            score_all += [ches[i] for i in idx]
+    # The SFT term changes the run: same pairs, same start, different result.
+    assert d_mean["sft"] != d_mean["high"]
+    for claim, holds in (("the highest-LN-CHES subset's mean log π(y+) falls", d_mean["high"] < 0),
+                         ("the lowest-LN-CHES subset's mean log π(y+) rises", d_mean["low"] > 0),
+                         ("the filtered pool's mean log π(y+) does not fall", d_mean["filtered"] >= 0),
+                         ("DPO+SFT on the highest-LN-CHES subset: mean log π(y+) does not fall",
+                          d_mean["sft"] >= 0)):
+        assert _row(md, claim)[1] == ("yes" if holds else "**no**"), claim
 
     assert len(set(score_all)) == len(score_all) and len(set(d_all)) == len(d_all)  # no ties to average
     rx, ry = (np.argsort(np.argsort(v)).astype(np.float64) for v in (score_all, d_all))
@@ -127,6 +155,20 @@ def test_quick_demo_writes_the_report_with_the_measured_numbers(demo_run):
     assert fractions["pairs"] == len(ent["case"]) == 8
     for case in ("ideal", "both_down", "both_up", "inverted"):
         assert fractions[case] == pytest.approx(ent["case"].count(case) / len(ent["case"]))
+    # Predicted signs (the probe) against realised ones (the ledgers), per subset.
+    entangled = json.loads((out / "data" / "subsets.json").read_text())["entangle"]
+    realised = {}
+    for name, idx in (("high", high), ("low", low)):
+        led = _read_ledger(out / "train" / name / "ledger.zarr")
+        realised.update(zip(idx, led["chosen_logps"][-1].astype(np.float64) - led["chosen_logps"][0]))
+    for name, idx in (("high", high), ("low", low)):
+        probed = [k for k, pos in enumerate(ent["index"]) if entangled[pos] in idx]
+        pred = [ent["pred_dlogp_chosen"][k] < 0 for k in probed]
+        real = [realised[entangled[ent["index"][k]]] < 0 for k in probed]
+        cells = _row(md, labels[name] + " | " + str(len(probed)))
+        assert cells[2:] == [str(sum(pred)), str(sum(real)), str(sum(a == b for a, b in zip(pred, real)))]
+    sampled = [json.loads(x) for x in (out / "sample" / "pairs.jsonl").read_text().splitlines()]
+    assert len(sampled) == 24 and "How the pairs were made" in md
     assert "Timings and machine" in md and "load average" in md
 
 
@@ -134,18 +176,19 @@ def test_quick_demo_writes_the_report_with_the_measured_numbers(demo_run):
 def test_rerun_reuses_finished_steps_and_redoes_changed_ones(demo_run, tiny):
     out, _ = demo_run
     before = (out / "train" / "high" / "metrics.jsonl").read_text()
-    r = _demo("--quick", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out),
-              "--lr", "1e-3")
+    args = ("--quick", "--model", str(tiny["model"]), "--prompts", str(tiny["prompts"]), *ON_POLICY,
+            "--out", str(out), "--lr", "1e-3")
+    r = _demo(*args)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["reused"] == ["data", "ches", "select", "entangle", "train_high", "train_low"]
+    assert summary["reused"] == ["sample", "data", "ches", "select", "entangle", "train_high", "train_low",
+                                 "train_filtered", "train_sft"]
     assert (out / "train" / "high" / "metrics.jsonl").read_text() == before
     # Fewer steps redo the two runs only.
-    r = _demo("--quick", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out),
-              "--lr", "1e-3", "--steps", "1")
+    r = _demo(*args, "--steps", "1")
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["reused"] == ["data", "ches", "select", "entangle"]
+    assert summary["reused"] == ["sample", "data", "ches", "select", "entangle"]
     assert _read_ledger(out / "train" / "high" / "ledger.zarr")["step"].tolist() == [0, 1]
     assert summary["subsets"]["high"]["steps"] == 1
 

@@ -213,3 +213,37 @@ def test_probe_of_a_lora_run_reads_its_adapters(made, tmp_path):
     assert np.abs(run_rows["chosen_logps"][1] - run_rows["chosen_logps"][0]).max() > 1e-3  # training moved it
     with pytest.raises(ConfigError, match="--adapter goes with --checkpoints"):
         probe.run_probe(str(tmp_path / "c"), str(data), run=str(tmp_path / "run"), adapter=str(base))
+
+
+def test_lora_run_entanglement_is_over_the_adapters(made, tmp_path):
+    """A LoRA run's logged ``entanglement/*`` (after step 1) are over A and B alone: brute force, one
+    ``jax.grad`` per response with respect to the LoRAParam leaves of the exported adapter, on the run's
+    own probe tokens."""
+    from jaxalign.train import config, loop
+
+    base, _, _, data = made
+    raw = {"model": {"path": str(base)}, "lora": {"target": ["q", "v"], "r": 2, "alpha": 4.0},
+           "data": {"train": str(data), "probe_size": 3, "shuffle": False},
+           "loss": {"name": "sigmoid", "beta": 0.5, "reference": "adapter_off"},
+           "optim": {"name": "sgd", "lr": 2.0}, "train": {"batch_size": 2, "steps": 1}, "mesh": {"data": 1},
+           "intervals": {"probe": None, "ledger": None, "checkpoint": None, "entanglement": 1},
+           "checkpoint": {"export": True, "async_save": False},
+           "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "ref_cache")}
+    cfg = config.from_dict(raw)
+    loop.train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rec = [r for r in rows if "entanglement/grad_inner_mean" in r]
+    assert [r["step"] for r in rec] == [1]
+    base_model, tok = models.load_pretrained(base)
+    model = lora.load_peft(base_model, tmp_path / "run" / "final_adapter")
+    tokens = loop.load_tokens(str(data), tok, cfg.data)
+    b = loop.host_batch(tokens, np.arange(3), loop.padded_lengths(tokens), tok.pad_token_id)
+    ex = [tuple(b[f"{k}_ids"][i][b[f"{k}_mask"][i] > 0].tolist() for k in ("prompt", "chosen", "rejected"))
+          for i in range(3)]
+    g = _brute_lora(model, ex)
+    # float32 on both sides with a different summation order: relative 1e-4
+    for key, want in (("grad_chosen_sqnorm", (g[:, 0] ** 2).sum(1)), ("grad_rejected_sqnorm", (g[:, 1] ** 2).sum(1)),
+                      ("grad_inner", (g[:, 0] * g[:, 1]).sum(1))):
+        np.testing.assert_allclose(rec[0][f"entanglement/{key}_mean"], want.mean(), rtol=1e-4, err_msg=key)
+    cosine = (g[:, 0] * g[:, 1]).sum(1) / np.linalg.norm(g[:, 0], axis=1) / np.linalg.norm(g[:, 1], axis=1)
+    np.testing.assert_allclose(rec[0]["entanglement/grad_cosine_mean"], cosine.mean(), atol=1e-4)

@@ -29,7 +29,8 @@ from test_models_parity import (  # noqa: E402, F401  (collected here with this 
     test_forward_matches_transformers, test_to_hf_tensors_round_trip)
 
 from jaxalign.errors import ModelError  # noqa: E402
-from jaxalign.models import load_model, load_pretrained, params, registry, save_pretrained  # noqa: E402
+from jaxalign.models import (load_pretrained, params, registry, save_pretrained,  # noqa: E402
+                             tokenizer_from_gguf)
 from jaxalign.models.gguf_file import read_gguf  # noqa: E402
 from jaxalign.models.rope import RopeConfig  # noqa: E402
 
@@ -368,30 +369,65 @@ def _gemma3_gguf(tmp: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def gemma3_gguf(tmp_path_factory) -> Path:
+    return _gemma3_gguf(tmp_path_factory.mktemp("gemma3"))
+
+
 @pytest.mark.slow
-def test_gemma3_270m_gguf_equals_transformers_gguf_loader(tmp_path_factory):
+def test_gemma3_270m_gguf_equals_transformers_gguf_loader(gemma3_gguf):
     """Gemma-3-270M's Q4_K_M GGUF (dequantised by the gguf package) gives transformers' GGUF loader's
     logits: both read the same dequantised numbers, so 1e-3 covers float32 summation order over 18 layers
-    and a 262k vocabulary."""
+    and a 262k vocabulary. ``load_pretrained`` gives the model and the file's SentencePiece tokenizer."""
     import gguf
     import transformers
 
-    path = _gemma3_gguf(tmp_path_factory.mktemp("gemma3"))
-    config, tensors, g = read_gguf(path)
+    path = gemma3_gguf
+    config, _, g = read_gguf(path)
     kinds = {gguf.GGMLQuantizationType(int(t.tensor_type)).name for t in g.tensors.values()}
     assert {"Q4_K", "Q5_0", "Q6_K", "Q8_0"} <= kinds
-    model = load_model(config, tensors, source=str(path))
-    ids = np.array([[2, 818, 5279, 529, 7001, 563, 9079, 236761, 108, 818],
-                    [0, 0, 0, 2, 651, 3694, 1003, 5622, 563, 236787]])
-    mask = (ids > 0).astype(np.int64)
+    model, tok = load_pretrained(path)
+    batch = tok(["The capital of France is", "Hello world:"], padding=True, padding_side="left",
+                return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids[1, 0] == tok.pad_token_id == 0 and ids[0, 0] == tok.bos_token_id == 2
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).logits)
-    del model, tensors
+    del model
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
     assert hf.config.layer_types == list(registry.config_from_hf(config).layer_types)
     want = _hf_logits(hf, ids, mask)
     assert parity._maxdiff(got, want, mask > 0) < 1e-3
     assert (got[mask > 0].argmax(-1) == want[mask > 0].argmax(-1)).all()
+
+
+GEMMA3_TEXTS = [
+    "Hello world", "The capital of France is", "  leading spaces,\ttabs\n\nand blank lines\n\n\n",
+    "a  b   c    d     e", "trailing spaces   ", "numbers 12345 3.14159 -7e10 1,000,000",
+    "unicode: héllo wörld — 日本語 😀 ﬁ Привет 👩‍👩‍👧‍👦 🇫🇷", "rare: 𠀋𠀌 \x01\x02 \u0300 \ufffd",
+    "def f(x):\n    return x ** 2  # square\n\nprint(f(3))", "don't I'll we've THEY'RE",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "<bos>x<eos><pad>[multimodal]",
+    "<0x41> spelled out", "", " ", "\t\t\tindent\r\n", "a" * 64,
+]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_tokenizer_equals_transformers(gemma3_gguf):
+    """The file's SentencePiece tokenizer (262k pieces, no merges, byte fallback) built with
+    ``tokenizers`` alone gives transformers' GGUF tokenizer's ids and text."""
+    from transformers import AutoTokenizer
+
+    ours = tokenizer_from_gguf(gemma3_gguf)
+    ref = AutoTokenizer.from_pretrained(str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name)
+    for text in GEMMA3_TEXTS:
+        got = ours(text)["input_ids"]
+        assert got == ref(text)["input_ids"], text
+        assert ours.decode(got) == ref.decode(got), text
+        assert ours.decode(got, skip_special_tokens=True) == ref.decode(got, skip_special_tokens=True), text
+    assert ours.convert_ids_to_tokens(ours("𠀋", add_special_tokens=False)["input_ids"]) == [
+        f"<0x{b:02X}>" for b in "𠀋".encode()]  # byte fallback
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
 
 
 def test_gguf_refusals_name_the_tensor(tmp_path):

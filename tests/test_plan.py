@@ -109,7 +109,8 @@ def test_cpu_plan_bytes_equal_the_placed_arrays(cpu_plan):
                                    schedule=optim.make_schedule(run.optim, 1000)),
                  in_shardings=(state_sh, step_lib.shardings_of(batch), step_lib.shardings_of(parts.rest), None),
                  out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
-    compiled = fn.lower(ts, batch, parts.rest, None).compile()
+    with jax.set_mesh(mesh):  # as step_lib.jit_train_step calls it (the model's activation constraints)
+        compiled = fn.lower(ts, batch, parts.rest, None).compile()
     real = compiled.memory_analysis()
     assert (real.argument_size_in_bytes, real.temp_size_in_bytes) == (m["argument_bytes"], m["temp_bytes"])
     new_state, metrics = compiled(ts, batch, parts.rest, None)

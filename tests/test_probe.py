@@ -295,11 +295,12 @@ def test_cli_checkpoint_folders_and_plot(trained, probed, capsys):
             im.verify()
         assert f"]({name})" in md, name
     html = (plots / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(expected)
+    # every linked figure embedded; the run's alarm metrics (every run logs them) add loss_alarms.png
+    assert html.count("data:image/png;base64,") == md.count(".png)") >= len(expected)
     assert "Spearman" in md and "Pairs whose chosen log-probability fell most" in md
     assert cli.main(["plot", str(trained["run"]), "--out", str(trained["root"] / "run_plots")]) == 0
     run_plots = sorted(p.name for p in (trained["root"] / "run_plots").glob("*.png"))
-    assert run_plots == ["fraction_fallen.png", "logps.png", "training.png"]
+    assert set(run_plots) - {"loss_alarms.png"} == {"fraction_fallen.png", "logps.png", "training.png"}
     assert cli.main(["plot", str(trained["root"] / "nothing")]) == 2
     assert "nothing to plot" in capsys.readouterr().err
 
@@ -315,3 +316,116 @@ def test_cli_probe_errors(trained, tmp_path, capsys):
     assert cli.main(["probe", "--run", str(trained["run"]), "--data", str(trained["data"]), "--out",
                      str(tmp_path / "o"), "--what", "logps,bogus"]) == 2
     assert "unknown measure 'bogus'" in capsys.readouterr().err
+
+
+# --- the squeezing probe -------------------------------------------------------------------------------
+
+SQUEEZE_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def squeezed(trained):
+    out = trained["root"] / "probe_squeeze"
+    probe_run.run_probe(str(out), str(trained["data"]), run=str(trained["run"]), what="squeeze",
+                        max_new_tokens=SQUEEZE_TOKENS, batch_size=4, progress=False)
+    return {"out": out, "data": probe_lib.read_probe(out)}
+
+
+def _torch_next_token(model, ids: list[int]) -> np.ndarray:
+    """float64 log-softmax ``[len(ids), V]`` of the transformers model: row t predicts token t + 1."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1).numpy()
+
+
+def _response_stats(model, prompt: list[int], response: list[int]) -> tuple[float, float, float]:
+    """Summed log-prob, mean top-1 probability and mean entropy over the response positions, float64."""
+    logp = _torch_next_token(model, prompt + response)[len(prompt) - 1:len(prompt) + len(response) - 1]
+    p = np.exp(logp)
+    return (float(logp[np.arange(len(response)), response].sum()), float(p.max(-1).mean()),
+            float(-(p * logp).sum(-1).mean()))
+
+
+def test_squeeze_probe_equals_generate_and_brute_force(trained, squeezed):
+    """Steps 0 and 2: the greedy ids equal ``generate_ids`` (temperature 0, one prompt at a time); every
+    log-prob, top-1 mass and entropy equals the transformers model on the same weights, the greedy
+    response scored token by token with one full forward per prefix (each token at its own position)."""
+    import torch
+    import transformers
+
+    from jaxalign.models import load_pretrained
+    from jaxalign.models.generate import generate_ids
+
+    d = squeezed["data"]
+    assert d["attributes"]["measures"][:2] == ["chosen_logps", "rejected_logps"]
+    assert d["greedy_ids"].shape == (3, len(PAIRS), SQUEEZE_TOKENS)
+    tokens = _tokens(trained)
+    N = len(tokens)
+    for row, folder in ((0, trained["model"]), (2, trained["run"] / "final")):
+        model, _ = load_pretrained(folder)
+        tm = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        for i in range(N):
+            prompt = [int(t) for t in tokens.prompt[i]]
+            new = generate_ids(model, [prompt], SQUEEZE_TOKENS, eos_token_id=2, pad_token_id=3)[0].tolist()
+            expect = new[:new.index(2) + 1] if 2 in new else new
+            stored = d["greedy_ids"][row, i]
+            assert stored[stored >= 0].tolist() == expect, (row, i)
+            assert d["greedy_len"][row, i] == len(expect)
+            # brute force: one forward per prefix, the logits at its last position score the next token
+            per_token = [_torch_next_token(tm, prompt + expect[:k])[-1, expect[k]] for k in range(len(expect))]
+            # float32 sums of ≤ 6 token log-probs against float64: as the ledger comparison above
+            np.testing.assert_allclose(d["greedy_logps"][row, i], sum(per_token), rtol=1e-4, atol=2e-3)
+            checks = {"greedy": expect, "chosen": [int(t) for t in tokens.chosen[i]],
+                      "rejected": [int(t) for t in tokens.rejected[i]]}
+            for name, resp in checks.items():
+                lp, top1, ent = _response_stats(tm, prompt, resp)
+                if name == "greedy":
+                    # the two brute forces agree (the torch model is float32; other lengths, other blocking)
+                    np.testing.assert_allclose(lp, sum(per_token), rtol=1e-6)
+                # float32 softmax means against float64 (probabilities ≤ 1, entropies ≤ log V ≈ 5.6)
+                np.testing.assert_allclose(d[f"top1_{name}"][row, i], top1, atol=1e-4, err_msg=name)
+                np.testing.assert_allclose(d[f"entropy_{name}"][row, i], ent, atol=1e-4, err_msg=name)
+            other = [int(t) for t in tokens.chosen[(i + 1) % N]]  # the documented derangement
+            np.testing.assert_allclose(d["other_logps"][row, i], _response_stats(tm, prompt, other)[0],
+                                       rtol=1e-4, atol=2e-3)
+    import pyarrow.parquet as pq
+
+    cols = pq.read_table(squeezed["out"] / "probe.parquet").column_names
+    assert "greedy_logps" in cols and "greedy_ids" not in cols
+
+
+def test_squeeze_needs_two_pairs(trained, tmp_path):
+    with pytest.raises(ConfigError, match="at least 2"):
+        probe_run.run_probe(str(tmp_path / "o"), str(trained["data"]), run=str(trained["run"]),
+                            what="squeeze", limit=1, progress=False)
+
+
+def test_refused_runs_leave_nothing_behind(trained, tmp_path, capsys):
+    """skipped.jsonl is written only after every check of the inputs: a run refused for its data (every
+    record skipped) creates no folder, and a rerun refused for other settings keeps the first run's list."""
+    from jaxalign import cli
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"]}) + "\n" for r in PAIRS))
+    model = str(trained["model"])
+    for command, args in (("probe", ["--checkpoints", model, model, "--out"]), ("ches", ["--model", model, "--out"]),
+                          ("entangle", ["--model", model, "--out"])):
+        out = tmp_path / command
+        argv = [command] + args + [str(out), "--data", str(bad), "--on-bad-record", "skip", "--no-progress"]
+        assert cli.main(argv) == 2, command
+        assert "no usable preference pairs" in capsys.readouterr().err
+        assert not out.exists(), (command, sorted(p.name for p in out.iterdir()))
+
+    one_bad = tmp_path / "one_bad.jsonl"
+    one_bad.write_text(trained["data"].read_text() + json.dumps({"prompt": "p"}) + "\n")
+    out = tmp_path / "probe_ok"
+    base = ["probe", "--checkpoints", model, model, "--out", str(out), "--on-bad-record", "skip",
+            "--batch-size", "4", "--no-progress"]
+    assert cli.main(base + ["--data", str(one_bad)]) == 0
+    first = (out / "skipped.jsonl").read_text()
+    assert json.loads(first)["index"] == len(PAIRS)
+    assert cli.main(base + ["--data", str(trained["data"])]) == 2  # other tokens: refused
+    assert "other settings" in capsys.readouterr().err
+    assert (out / "skipped.jsonl").read_text() == first

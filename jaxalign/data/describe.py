@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign.data.builtin import builtin_info, builtin_source, list_builtin
+from jaxalign.data.builtin import builtin_info, builtin_source, list_builtin, list_prompt_sets
 from jaxalign.data.load import load_pairs, read_pairs
 from jaxalign.data.schemas import SCHEMAS, formats_table
 from jaxalign.errors import ModelError
@@ -26,10 +26,22 @@ def builtin_table() -> str:
     return "\n".join(lines)
 
 
+def prompt_sets_table() -> str:
+    """One line per built-in prompt set (``jaxalign sample --data``): name, number of prompts, files."""
+    names = list_prompt_sets()
+    w = max(len(n) for n in names)
+    lines = [f"{'prompt set (jaxalign sample)':{w}s} {'prompts':>7s}  file"]
+    for name in names:
+        info = builtin_info(name)
+        lines.append(f"{name:{w}s} {len(builtin_source(name).records):7d}  {info.module}/{info.path}")
+    return "\n".join(lines)
+
+
 def list_text() -> str:
-    """What ``jaxalign data list`` prints: the built-in sets, then the formats read by name or detected."""
-    return (builtin_table() + "\n\nformats (detected from the columns, or --format NAME; docs/data.md):\n"
-            + formats_table())
+    """What ``jaxalign data list`` prints: the built-in sets and prompt sets, then the formats read by name or
+    detected."""
+    return (builtin_table() + "\n\n" + prompt_sets_table()
+            + "\n\nformats (detected from the columns, or --format NAME; docs/data.md):\n" + formats_table())
 
 
 def load_any_tokenizer(path: str):

@@ -8,7 +8,11 @@ Four steps, each with a progress bar, all outputs in one folder (default ``./dem
    and DPO's predicted change of both log-probs for a sample of the trained pairs (Yuan et al., ICLR 2025).
 3. **Two DPO runs** (:func:`jaxalign.train.loop.train`) from the same start with the same
    hyper-parameters, one on the highest-LN-CHES pairs and one on the lowest; the ledger records the
-   chosen/rejected log-prob of every trained pair.
+   chosen/rejected log-prob of every trained pair. With ``mitigations``, two more: the pool without its
+   highest-LN-CHES pairs (Razin et al.'s filter) and DPO+SFT on the highest-LN-CHES pairs.
+
+With ``prompts`` the pairs are on-policy: a step 0 samples two responses per prompt from the model and
+orders them with a judge (:func:`jaxalign.jobs.sample.sample_pairs`).
 4. **The report** (:mod:`jaxalign.demo.report`): ``report.md`` with PNG figures and ``report.html``.
 
 Modules: :mod:`jaxalign.demo.pipeline` (settings, steps, resume), :mod:`jaxalign.demo.report` (the

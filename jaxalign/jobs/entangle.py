@@ -110,6 +110,8 @@ def run(cfg: Entangle, *, mesh=None, progress: bool = True, after_batch: Callabl
     methods_used: dict[str, str] = {}
     compute, side = _batch_fns(cfg, model, probe, tokens, out, chunks.resuming, mesh, compiler_options,
                                methods_used)
+    if lead:
+        common.write_skipped(loaded, out)
     common.run_batches(plan, common.shared_prompt_maker(tokens, loaded.pad_id), compute,
                        common.ChunkSink(chunks, side), progress=progress, desc="entangle",
                        rows_done=chunks.rows_done, after_batch=after_batch)

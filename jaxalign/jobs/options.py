@@ -46,7 +46,8 @@ def option(default: Any = _REQUIRED, *, help: str, type: Callable | None = None,
       type: converts the CLI string (``int``, ``float``, a parser); ``None`` keeps the string.
       minimum, maximum: allowed range (inclusive); ``None`` values are always allowed.
       choices: allowed values.
-      flag: the CLI flag (default ``--`` + the name with ``-`` for ``_``).
+      flag: the CLI flag (default ``--`` + the name with ``-`` for ``_``); the field's own name without
+        dashes makes it a positional argument.
       metavar, action, nargs: passed to ``argparse``.
       required: the CLI option is required (in a ``group``: one of the group's options is).
       group: the name of a set of mutually exclusive options.
@@ -106,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                     kwargs[key] = meta[key]
             if meta.get("required") and not meta.get("group"):
                 kwargs["required"] = True
+        if not flag_of(f).startswith("-"):  # a positional argument (``flag="model"``): argparse names its dest
+            del kwargs["dest"]
+            kwargs.pop("required", None)
         target.add_argument(flag_of(f), **kwargs)
 
 

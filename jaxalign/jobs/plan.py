@@ -76,6 +76,11 @@ class Target:
     devices: list
     chip: chips_lib.Chip | None
     label: str
+    memory_budget: float | None = None  # bytes per device that must hold the program (default: the chip's HBM)
+
+    @property
+    def hbm_bytes(self) -> float | None:
+        return self.memory_budget or (self.chip.hbm_bytes if self.chip else None)
 
 
 # --- model and target -----------------------------------------------------------------------------
@@ -112,8 +117,20 @@ def model_config(source: str) -> tuple[dict, str]:
 
 
 def target(*, topology: str | None = None, slices: int = 1, cpu_devices: int | None = None,
-           chip: str | None = None) -> Target:
-    """The devices to compile for: a libtpu topology, ``cpu_devices`` simulated CPUs, or the backend's."""
+           chip: str | None = None, hbm_gb: float | None = None) -> Target:
+    """The devices to compile for: a libtpu topology, ``cpu_devices`` simulated CPUs, or the backend's.
+
+    ``hbm_gb``: the memory per device the program must fit in (GB, 10⁹ bytes), instead of the chip's HBM
+    (a CPU has none: without it a CPU plan has no budget)."""
+    tgt = _target(topology=topology, slices=slices, cpu_devices=cpu_devices, chip=chip)
+    if hbm_gb is not None:
+        if hbm_gb <= 0:
+            raise ConfigError(f"--hbm-gb must be positive, got {hbm_gb}")
+        tgt.memory_budget = hbm_gb * 1e9
+    return tgt
+
+
+def _target(*, topology: str | None, slices: int, cpu_devices: int | None, chip: str | None) -> Target:
     if topology and cpu_devices:
         raise ConfigError("--topology and --cpu-devices: give one target, not both")
     if topology:
@@ -172,6 +189,16 @@ def abstract_model(hf: dict, run) -> Any:
 
     cfg = registry.config_from_hf(hf)
     model = params.abstract_model(hf["model_type"], cfg, dtype=jnp.dtype(run.model.param_dtype))
+    if run.lora.enabled:  # fresh adapters (float32, as lora.apply makes them), shapes only
+        from flax import nnx
+
+        from jaxalign.models import lora
+
+        settings = lora.LoRASettings(target=run.lora.target, r=run.lora.r, alpha=run.lora.alpha,
+                                     rslora=run.lora.rslora)
+        graphdef, state = nnx.split(model)
+        model = nnx.eval_shape(lambda: lora.apply(nnx.merge(graphdef, jax.tree.map(
+            lambda x: jnp.zeros(x.shape, x.dtype), state)), settings, seed=run.lora.seed))
     return base.configure(model, dtype=None if run.model.dtype is None else jnp.dtype(run.model.dtype),
                           attention_impl=run.model.attention_impl, remat=run.model.remat)
 
@@ -225,7 +252,12 @@ def _train_program(model, run, shapes: Shapes, mesh) -> Program:
 
     spec = step_lib.Objective.from_config(run.loss, shared_prompt=run.data.shared_prompt,
                                                   grad_accum=run.train.grad_accum)
-    parts, params = step_lib.ModelParts.split(model)
+    from flax import nnx
+
+    from jaxalign.models import lora
+
+    # As the trainer splits it: with LoRA only the adapters train (the base weights are in parts.rest).
+    parts, params = step_lib.ModelParts.split(model, lora.LoRAParam if run.lora.enabled else nnx.Param)
     total = run.train.steps or 1000  # the schedule's length does not change the program
     optimizer, schedule = optim.make_optimizer(run.optim, total), optim.make_schedule(run.optim, total)
     param_sh = _pure_shardings(parts.abstract, mesh)
@@ -244,10 +276,14 @@ def _train_program(model, run, shapes: Shapes, mesh) -> Program:
                                    schedule=schedule),
                  in_shardings=(state_sh, batch_sh, rest_sh, param_sh if online else None),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
-    lowered = fn.lower(state, batch, parts.rest, params if online else None)
+    with jax.set_mesh(mesh):  # as step_lib.jit_train_step calls it: the model's constraints see the mesh
+        lowered = fn.lower(state, batch, parts.rest, params if online else None)
     groups = {"params": per_chip_bytes(params, param_sh), "optimizer": per_chip_bytes(opt_struct, opt_sh),
               "batch": per_chip_bytes(batch, batch_sh),
               "other": per_chip_bytes((state.step, state.rng, parts.rest), (rep, rep, rest_sh))}
+    if run.lora.enabled:  # the frozen base weights: in parts.rest, reported on their own line
+        groups["frozen_base"] = per_chip_bytes(parts.rest, rest_sh)
+        groups["other"] -= groups["frozen_base"]
     if online:
         groups["reference"] = groups["params"]
     return Program(lowered, groups)
@@ -704,7 +740,7 @@ def plan(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *
         "mesh": dict(zip(parallel.MESH_AXES, shape)),
         "shapes": dataclasses.asdict(shapes), "params": dims["params"], "dims": dims,
         "options": _options(job, run, prog), "compile_s": round(compile_s, 1)}
-    hbm = tgt.chip.hbm_bytes if tgt.chip else None
+    hbm = tgt.hbm_bytes
     if compiled is None:  # the TPU compiler refuses a program that cannot fit its HBM
         result["memory"] = _refused_memory(refused, prog.groups, hbm)
         return result
@@ -743,6 +779,8 @@ def _options(job: str, run, prog: Program) -> dict[str, Any]:
     if job == "train":
         out.update(loss=run.loss.name, optimizer=run.optim.name, grad_accum=run.train.grad_accum,
                    reference=run.loss.reference, shared_prompt=run.data.shared_prompt)
+    if run.lora.enabled:
+        out.update(lora_target=run.lora.target, lora_r=run.lora.r)
     out.update(prog.info)
     return out
 
@@ -824,7 +862,7 @@ def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None,
     cands = candidates(len(tgt.devices), shapes, dims["heads"] or 1, job=job, remats=remats)
     cands.sort(key=lambda c: (-_REMAT_MEMORY.get(c["remat"], 1), c["grad_accum"],
                               -c["mesh"][1] * c["mesh"][2], c["mesh"][2]))
-    hbm = tgt.chip.hbm_bytes if tgt.chip else None
+    hbm = tgt.hbm_bytes
     state_bytes = _state_bytes_per_param(job, run)
     tried, failed, skipped, best = [], [], 0, None
     for c in cands:
@@ -890,7 +928,7 @@ def format_plan(p: Mapping[str, Any]) -> str:
              f"  shapes: {p['shapes']['pairs']} pairs, prompt {p['shapes']['prompt_len']}, response "
              f"{p['shapes']['response_len']}; options: " + ", ".join(f"{k}={v}" for k, v in p["options"].items()),
              f"  compiled in {p['compile_s']} s", "", "  memory per chip"]
-    for k in ("params", "optimizer", "reference", "batch", "other", "padding"):
+    for k in ("params", "optimizer", "frozen_base", "reference", "batch", "other", "padding"):
         if f"{k}_bytes" in m:
             lines.append(f"    {k:<22}{_gb(m[f'{k}_bytes']):>12}")
     for k, label in (("temp", "temp"), ("output", "output (not donated)"), ("code", "code")):
@@ -934,3 +972,56 @@ def write_json(p: Mapping[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(p, indent=2, default=str) + "\n")
     return path
+
+
+# --- jaxalign train --plan -----------------------------------------------------------------------------
+
+class DoesNotFit(ConfigError):
+    """``jaxalign train --plan``: the run's step does not fit the devices' memory (the message names
+    overrides that would fit, when the search found some)."""
+
+
+def train_shapes(run) -> Shapes:
+    """The padded step shapes of a run config, known before any data is read: ``train.batch_size`` pairs,
+    ``data.prompt_length`` (else ``data.max_prompt_length``) and ``data.response_length`` (else
+    ``data.max_length`` minus the prompt)."""
+    d = run.data
+    prompt = d.prompt_length or d.max_prompt_length
+    response = d.response_length or (d.max_length - prompt if d.max_length and prompt else None)
+    if not prompt or not response or response < 1:
+        raise ConfigError("train --plan: the padded lengths are unknown before the data is read; set "
+                          "data.prompt_length and data.response_length (or data.max_prompt_length and "
+                          "data.max_length)")
+    return Shapes(run.train.batch_size, int(prompt), int(response))
+
+
+def check_train(run, *, hbm_gb: float | None = None, max_compiles: int = 4, log=print) -> dict[str, Any]:
+    """``jaxalign train --plan``: compiles the run's own train step for the devices at hand (no weights
+    read) and returns the plan when it fits.
+
+    The budget is the chip's HBM (a TPU or GPU in :mod:`jaxalign.jobs.chips`) or ``hbm_gb``. Without
+    either (a CPU) the plan is printed and nothing is refused.
+
+    Raises:
+      DoesNotFit: the step needs more memory per device than the budget; the message names the
+        overrides of the fastest fitting configuration :func:`search` found (at most ``max_compiles``
+        compiles), or says that none was found.
+    """
+    from jaxalign.models.paths import resolve_model_path
+
+    hf, name = model_config(resolve_model_path(run.model.path))
+    shapes, tgt = train_shapes(run), target(hbm_gb=hbm_gb)
+    p = plan(hf, name, "train", tgt, shapes, run)
+    log(format_plan(p))
+    m = p["memory"]
+    if m.get("fits", True):
+        if "fits" not in m:
+            log("train --plan: no memory budget for these devices (pass --hbm-gb); not checked")
+        return p
+    log(f"train --plan: does not fit; searching (at most {max_compiles} compiles)")
+    found = search(hf, name, "train", tgt, shapes, run, max_compiles=max_compiles, log=log)
+    hint = ("these overrides fit (estimate): " + " ".join(overrides_of(found["best"])) if found["best"] else
+            f"none of the {len(found['tried'])} configurations compiled fits ({found['skipped']} skipped): try "
+            "more devices, model.param_dtype=bfloat16, LoRA or a smaller train.batch_size")
+    raise DoesNotFit(f"train --plan: the step needs {m['total_bytes'] / 1e9:.3f} GB per device, more than "
+                     f"the {m['hbm_bytes'] / 1e9:.3f} GB available on {tgt.label}; {hint}")

@@ -4,6 +4,11 @@
 (:mod:`jaxalign.report`) for a training run (``metrics.jsonl``, ``ledger.zarr``) and/or a probe output
 (``probe.zarr``, :mod:`jaxalign.jobs.probe`; its run's metrics are found through the store's ``run``
 attribute). The statistics on the figures (Spearman's ρ) are computed here and handed to the plots.
+
+A probe with ``squeeze`` adds the squeezing figures (:func:`_squeeze_section`); a run with per-pair
+telemetry (:func:`jaxalign.train.telemetry.read_table`) adds the pairs × steps heat map of Δ log π(y+|x),
+the gradient cosine against the realised change (:func:`telemetry_views` makes their arrays) and the loss
+with the alarm steps marked (without a table, from ``displacement/alarm_frac`` in ``metrics.jsonl``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from jaxalign.analysis.stats import spearman
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.jobs import probe as probe_job
 
+#: Columns of the per-pair telemetry table of a run (:func:`jaxalign.train.telemetry.read_table`) used here.
+TELEMETRY_COLUMNS = ("step", "pair_id", "logp_chosen", "ref_logp_chosen", "grad_cos", "alarm")
+ALARM_METRIC = "displacement/alarm_frac"
+#: The squeezing probe's responses (:mod:`jaxalign.jobs.squeeze`): measure suffix → legend label.
+SQUEEZE_RESPONSES = {"greedy": "greedy ŷ", "chosen": "chosen y+", "rejected": "rejected y−"}
 TRAINING_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
                  "logps/chosen", "logps/rejected")
 
@@ -69,6 +79,7 @@ def plot_report(path: str | Path, out: str | Path | None = None, *, top: int = 1
     rep.text(f"Source: `{src}`" + (f"; training run `{run_dir}`" if run_dir and run_dir != src else "")
              + ". Log-probabilities are summed over the response tokens (nats).")
 
+    metrics: list[dict] = []
     if run_dir is not None and (run_dir / "metrics.jsonl").exists():
         metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
         if metrics:
@@ -99,10 +110,15 @@ def plot_report(path: str | Path, out: str | Path | None = None, *, top: int = 1
                   [[int(s), float(np.nanmean(c)), float(np.nanmean(r)), float(np.nanmean(c - chosen[0])),
                     float(f.mean())] for s, c, r, f in zip(steps, chosen, rejected, fell)])
 
+    if data is not None and "greedy_logps" in data["attributes"].get("measures", []):
+        _squeeze_section(rep, data, dest)
     if data is not None and len(data["step"]) >= 2:
         _probe_sections(rep, data, dest, top)
     elif data is not None:
         rep.text("Only one checkpoint probed: changes need at least two.")
+    table = read_telemetry(run_dir) if run_dir is not None else None
+    if table is not None or any(ALARM_METRIC in r for r in metrics):
+        _telemetry_section(rep, table, metrics, dest)
     md, _ = rep.write(dest)
     return md
 
@@ -164,3 +180,117 @@ def _probe_sections(rep, data: Mapping[str, Any], dest: Path, top: int) -> None:
     rep.table(headers + [f"{m} at step {s0}" for m in extra],
               [[int(data["index"][i]), float(change[i]), first[i]] + [float(data[m][0][i]) for m in extra]
                for i in order])
+
+
+# --- the squeezing probe ----------------------------------------------------------------------------
+
+def _squeeze_section(rep, data: Mapping[str, Any], dest: Path) -> None:
+    """Figures and a table of ``probe --what squeeze`` (:mod:`jaxalign.jobs.squeeze`)."""
+    from jaxalign import plots
+    from jaxalign.report import save_figure
+
+    steps, s0 = data["step"], int(data["step"][0])
+    rep.section("Squeezing (Ren & Sutherland, ICLR 2025)")
+    rep.text("Under a negative gradient on off-policy responses, probability mass moves to the tokens the "
+             "model already favours: the greedy response ŷ gains log-probability, other responses lose it "
+             "and the next-token distributions get peakier (top-1 mass up, entropy down). ŷ is each "
+             "checkpoint's own greedy response; 'other' is the chosen response of the next pair "
+             "(σ(i) = i + 1 mod N) under this prompt.")
+    deltas = {"greedy ŷ": "greedy_logps", "chosen y+": "chosen_logps", "rejected y−": "rejected_logps",
+              "other pair's y+": "other_logps"}
+    rep.figure(save_figure(plots.mean_bands(steps, {k: data[m] - data[m][:1] for k, m in deltas.items()},
+                                            ylabel=f"Δ log π(y|x) since step {s0} (nats)",
+                                            title="Log-probabilities: greedy, chosen, rejected, other"),
+                           dest / "squeeze_logps.png"),
+               f"Change of each response's summed log-probability since step {s0} (mean over pairs)")
+    for key, ylabel in (("top1", "mean top-1 probability"), ("entropy", "mean next-token entropy (nats)")):
+        rep.figure(save_figure(plots.mean_bands(steps, {lab: data[f"{key}_{r}"] for r, lab in
+                                                        SQUEEZE_RESPONSES.items()}, ylabel=ylabel),
+                               dest / f"squeeze_{key}.png"),
+                   f"{ylabel[0].upper() + ylabel[1:]} over the positions of each response")
+    cols = ["greedy_logps", "other_logps", "greedy_len"] + [f"{k}_{r}" for k in ("top1", "entropy")
+                                                             for r in SQUEEZE_RESPONSES]
+    rep.table(["step"] + [f"mean {c}" for c in cols],
+              [[int(s)] + [float(np.nanmean(data[c][k])) for c in cols] for k, s in enumerate(steps)])
+
+
+# --- per-pair telemetry of a training run -----------------------------------------------------------
+
+def read_telemetry(run_dir: str | Path):
+    """The run's per-pair telemetry table (:func:`jaxalign.train.telemetry.read_table`), or ``None`` when
+    the run recorded none."""
+    from jaxalign.train import telemetry
+
+    read = getattr(telemetry, "read_table", None)
+    if read is None:
+        return None
+    try:
+        table = read(run_dir)
+    except FileNotFoundError:
+        return None
+    return table if table is not None and len(table) else None
+
+
+def telemetry_views(table) -> dict[str, np.ndarray]:
+    """What the telemetry figures draw, from the per-pair table (a ``pandas.DataFrame``, one row per pair
+    and step, with at least :data:`TELEMETRY_COLUMNS`).
+
+    Returns:
+      ``steps`` ``[S]`` and ``pair_ids`` ``[P]`` (sorted); ``dlogp_PS`` ``[P, S]`` log π(y+|x) − its
+      reference log-prob (before the step's update; NaN where the pair was not in the step's batch, the
+      mean if it was there twice); ``cos`` and ``change`` ``[M]``, one per row followed by a later row
+      of the same pair: cos(g_w, g_l) at the step, and the realised change of log π(y+|x) from that step
+      to the next step the pair is seen (the updates of every step in between included);
+      ``alarm_steps`` ``[A]`` with ``alarm_fraction`` ``[A]``: the steps where any pair raised the alarm
+      and the fraction of the step's rows that did.
+
+    Raises:
+      DataError: a column is missing.
+    """
+    missing = [c for c in TELEMETRY_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"the telemetry table lacks the column(s) {missing}")
+    t = table.assign(dlogp=table["logp_chosen"] - table["ref_logp_chosen"])
+    per = t.groupby(["pair_id", "step"], sort=True).agg(dlogp=("dlogp", "mean"), logp=("logp_chosen", "mean"),
+                                                        cos=("grad_cos", "mean")).reset_index()
+    grid = per.pivot(index="pair_id", columns="step", values="dlogp")
+    nxt = per.groupby("pair_id")["logp"].shift(-1)
+    later = nxt.notna().to_numpy()
+    frac = t.groupby("step")["alarm"].mean()
+    frac = frac[frac > 0]
+    return {"steps": grid.columns.to_numpy(), "pair_ids": grid.index.to_numpy(),
+            "dlogp_PS": grid.to_numpy(np.float64), "cos": per["cos"].to_numpy(np.float64)[later],
+            "change": (nxt - per["logp"]).to_numpy(np.float64)[later],
+            "alarm_steps": frac.index.to_numpy(), "alarm_fraction": frac.to_numpy(np.float64)}
+
+
+def _telemetry_section(rep, table, metrics: list[dict], dest: Path) -> None:
+    """The heat map, cosine-vs-change scatter and alarm-marked loss curve of a run's telemetry."""
+    from jaxalign import plots
+    from jaxalign.report import save_figure
+
+    rep.section("Per-pair telemetry of the training batches")
+    views = telemetry_views(table) if table is not None else None
+    if views is not None:
+        rep.figure(save_figure(plots.pair_step_heatmap(views["steps"], views["pair_ids"], views["dlogp_PS"],
+                                                       label="log π(y+|x) − log π_ref(y+|x) (nats)"),
+                               dest / "telemetry_heatmap.png"),
+                   "Δ log π(y+|x) against the reference of each pair at each step it was trained on")
+        rho = spearman(views["cos"], views["change"])
+        rep.figure(save_figure(plots.score_vs_change(
+            views["cos"], views["change"], rho=rho, score_name="cos(g_w, g_l) at the step",
+            change_name="realised Δ log π(y+|x) to the pair's next step (nats)"), dest / "telemetry_cosine.png"),
+            "Gradient cosine of a pair against the change of its log π(y+|x) until it is next seen")
+        alarm_steps, alarm_fraction = views["alarm_steps"], views["alarm_fraction"]
+    else:
+        flagged = [r for r in metrics if (r.get(ALARM_METRIC) or 0) > 0]
+        alarm_steps = np.array([r.get("step", 0) for r in flagged])
+        alarm_fraction = np.array([r[ALARM_METRIC] for r in flagged], np.float64)
+    if metrics:
+        rep.figure(save_figure(plots.loss_with_alarms([r.get("step", i) for i, r in enumerate(metrics)],
+                                                      [r["loss"] for r in metrics], alarm_steps, alarm_fraction),
+                               dest / "loss_alarms.png"),
+                   "Loss with the steps where pairs raised the displacement alarm (y+ fell while the margin "
+                   "rose, or a predicted case other than ideal)")
+    rep.text(f"{len(alarm_steps)} step(s) raised the alarm" + (
+        f"; the first: {', '.join(str(int(s)) for s in alarm_steps[:10])}." if len(alarm_steps) else "."))

@@ -35,6 +35,11 @@ array                     shape   meaning
                                   ``grad_cosine``, ``weight_chosen``, ``weight_rejected``,
                                   ``pred_dlogp_chosen``, ``pred_dlogp_rejected`` as in ``jaxalign entangle``)
 ``case``                  [K, N]  int8 index into the group attribute ``cases`` (``entangle``)
+``greedy_logps`` …        [K, N]  the squeezing probe (``squeeze``, :mod:`jaxalign.jobs.squeeze`):
+                                  ``greedy_len``, ``greedy_logps``, ``other_logps``, ``top1_*`` and
+                                  ``entropy_*`` of ``chosen``/``rejected``/``greedy``
+``greedy_ids``            [K, N,  int32 greedy response tokens, -1 after the end (``squeeze``;
+                          M]      ``M = max_new_tokens``; dimension ``token``)
 ========================  ======  ===============================================================
 
 Group attributes: ``rows`` (K committed), ``checkpoints`` (``[{"step", "source"}]`` per row),
@@ -45,7 +50,8 @@ arrays longer than ``rows`` (a run killed mid-row) are cut back when the store i
 
 ``probe.parquet``: one row per (checkpoint, pair): ``step``, ``index``, ``prompt_len``, ``chosen_len``,
 ``rejected_len`` and every measure (``case`` as ``ideal``/``both_down``/``both_up``/``inverted``).
-``skipped.jsonl``: records left out (``on_bad_record="skip"``).
+``skipped.jsonl``: records left out (``on_bad_record="skip"``), written once the inputs passed every
+check (:func:`jaxalign.jobs.common.write_skipped`).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ import numpy as np
 from jaxalign import store
 from jaxalign.analysis.entanglement import CASES
 from jaxalign.errors import CheckpointError, ConfigError
-from jaxalign.jobs import common
+from jaxalign.jobs import common, squeeze
 from jaxalign.jobs.options import fingerprint
 from jaxalign.jobs.settings import Probe, parse_what
 
@@ -72,6 +78,7 @@ CHES_MEASURES = ("ches", "ln_ches")
 ENTANGLE_MEASURES = ("grad_chosen_sqnorm", "grad_rejected_sqnorm", "grad_inner", "grad_cosine",
                      "weight_chosen", "weight_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected", "case")
 ENTANGLE_SETTINGS = ("loss", "beta", "loss_options", "method", "params", "last_blocks")
+SQUEEZE_SETTINGS = ("max_new_tokens",)
 PER_EXAMPLE = ("index", "prompt_len", "chosen_len", "rejected_len")
 STORE_NAME = "probe.zarr"
 TABLE_NAME = "probe.parquet"
@@ -79,7 +86,8 @@ TABLE_NAME = "probe.parquet"
 
 def measures_for(what: Sequence[str]) -> tuple[str, ...]:
     return (LOGP_MEASURES + (CHES_MEASURES if "ches" in what else ())
-            + (ENTANGLE_MEASURES if "entangle" in what else ()))
+            + (ENTANGLE_MEASURES if "entangle" in what else ())
+            + (squeeze.MEASURES + (squeeze.TOKENS,) if "squeeze" in what else ()))
 
 
 # --- the zarr store ---------------------------------------------------------------------------------
@@ -93,11 +101,12 @@ class ProbeStore:
       measures: the ``[K, N]`` arrays to hold.
       attributes: fixed group attributes (``fingerprint``, ``loss``, ``beta``, …).
       overwrite: replace a store with another fingerprint instead of refusing.
+      tokens: ``M``, the last axis of the ``[K, N, M]`` ``greedy_ids`` (``squeeze``).
     """
 
     def __init__(self, path: str | Path, *, per_example: Mapping[str, np.ndarray], measures: Sequence[str],
-                 attributes: Mapping[str, Any], overwrite: bool = False):
-        self.path = Path(path)
+                 attributes: Mapping[str, Any], overwrite: bool = False, tokens: int = 1):
+        self.path, self.tokens = Path(path), int(tokens)
         self.measures = tuple(measures)
         self.N = int(len(per_example["index"]))
         self.attributes = dict(attributes, measures=list(self.measures), cases=list(CASES))
@@ -130,6 +139,10 @@ class ProbeStore:
             g.write_rows(name, np.arange(self.N), np.asarray(per_example[name]))
         g.create("step", [0], "int64", chunks=[1024], dims=["checkpoint"], fill_value=0)
         for m in self.measures:
+            if m == squeeze.TOKENS:
+                g.create(m, [0, self.N, self.tokens], "int32", chunks=[1, chunk_n, self.tokens],
+                         dims=["checkpoint", "example", "token"], fill_value=-1)
+                continue
             g.create(m, [0, self.N], "int8" if m == "case" else "float64", chunks=[1, chunk_n],
                      dims=["checkpoint", "example"], fill_value=0 if m == "case" else float("nan"))
         self._commit()
@@ -205,6 +218,8 @@ def long_table(data: Mapping[str, Any]):
     for name in ("prompt_len", "chosen_len", "rejected_len"):
         cols[name] = pa.array(np.tile(data[name].astype(np.int32), K))
     for m in data["attributes"].get("measures", []):
+        if m == squeeze.TOKENS:  # [K, N, M] token ids: in probe.zarr only
+            continue
         v = np.asarray(data[m]).reshape(-1)
         cols[m] = (pa.array(np.asarray(CASES, dtype=object)[v.astype(np.int64)].tolist(), pa.string())
                    if m == "case" else pa.array(v.astype(np.float64)))
@@ -391,13 +406,16 @@ class Measurer:
       what: :func:`parse_what`'s output.
       mesh: a ``(data, fsdp, tensor)`` mesh or ``None``.
       compiler_options: of :func:`jaxalign.analysis.entanglement.make_pair_grads`.
+      eos_id: where greedy responses end (``squeeze``; the EOS appended to the probe responses).
     """
 
     def __init__(self, parts, params0, tokens, pad_id: int, cfg: Probe, *, what: Sequence[str], mesh=None,
-                 compiler_options: Mapping[str, Any] | None = None):
+                 compiler_options: Mapping[str, Any] | None = None, eos_id: int | None = None):
         from jaxalign.train import step as step_lib
 
         self.parts, self.tokens, self.cfg, self.what, self.mesh = parts, tokens, cfg, tuple(what), mesh
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self._squeeze = squeeze.jit_response_stats(parts) if "squeeze" in self.what else None
         self.plan = common.Plan.of(tokens, cfg.batch_size, mesh)
         self.make_batch = common.shared_prompt_maker(tokens, pad_id)
         self._logps = step_lib.jit_pair_scores(parts, with_ches="ches" in self.what)
@@ -434,19 +452,34 @@ class Measurer:
             out = self._compiled[key](diff, fixed, args[2], args[3])
         return probe.unpack(out, static["method_"])
 
-    def _logps_of(self, params, batch) -> dict[str, np.ndarray]:
+    def _put(self, batch: Mapping[str, np.ndarray]) -> dict:
+        """A host batch on the devices (sharded over the mesh's batch axes when there is a mesh)."""
+        import jax.numpy as jnp
+
+        from jaxalign.train.measure import to_device
+
+        return {k: jnp.asarray(v) for k, v in batch.items()} if self.mesh is None else to_device(batch, self.mesh)
+
+    def _on_mesh(self, fn: Callable[[], Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """``fn()`` under the mesh (if any), its results on the host."""
+        import contextlib
+
         import jax
 
-        from jaxalign.train.measure import to_device, to_host
+        from jaxalign.train.measure import to_host
 
-        if self.mesh is None:
-            import jax.numpy as jnp
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return {k: to_host(v) for k, v in fn().items()}
 
-            res = self._logps(params, {k: jnp.asarray(v) for k, v in batch.items()}, self.parts.rest)
-        else:
-            with jax.set_mesh(self.mesh):
-                res = self._logps(params, to_device(batch, self.mesh), self.parts.rest)
-        return {k: to_host(v) for k, v in res.items()}
+    def _logps_of(self, params, batch) -> dict[str, np.ndarray]:
+        return self._on_mesh(lambda: self._logps(params, self._put(batch), self.parts.rest))
+
+    def _squeeze_of(self, params, model_k, rows: np.ndarray, batch: dict) -> dict[str, np.ndarray]:
+        """The squeezing measures (:mod:`jaxalign.jobs.squeeze`) of the ``n`` real rows of ``batch``."""
+        return self._on_mesh(lambda: squeeze.measure_rows(
+            model_k, self._squeeze, params, self.parts.rest, self.tokens, rows, batch,
+            padded_rows=self.plan.rows, max_new_tokens=self.cfg.max_new_tokens, eos_id=self.eos_id,
+            pad_id=self.pad_id, put=self._put))
 
     def measure(self, params, *, ref: Mapping[str, np.ndarray] | None = None,
                 progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
@@ -461,11 +494,16 @@ class Measurer:
         out = {m: np.full(N, np.nan) for m in measures_for(self.what)}
         if "case" in out:
             out["case"] = np.zeros(N, np.int8)
-        model_k = self.parts.merge(params) if self._probe is not None else None
+        if squeeze.TOKENS in out:
+            out[squeeze.TOKENS] = np.full((N, self.cfg.max_new_tokens), -1, np.int32)
+        need_model = self._probe is not None or self._squeeze is not None
+        model_k = self.parts.merge(params) if need_model else None
 
         def compute(rows: np.ndarray, batch: dict) -> dict[str, np.ndarray]:
             n = len(rows)
             res = {k: v[:n] for k, v in self._logps_of(params, batch).items()}
+            if self._squeeze is not None:
+                res.update(self._squeeze_of(params, model_k, rows, batch))
             if self._probe is not None:
                 res.update(self._entangle(model_k, rows, batch, res if ref is None else
                                           {k: ref[k][rows] for k in LOGP_MEASURES}))
@@ -564,23 +602,27 @@ def run(cfg: Probe, *, mesh=None, progress: bool = True, after_checkpoint: Calla
     parts, params0 = step_lib.ModelParts.split(
         model, lora.LoRAParam if cfg.run is not None and lora.has_adapters(model) else nnx.Param)
     del model
-    out.mkdir(parents=True, exist_ok=True)
     loaded = common.load_pairs(cfg.data, tokenizer, max_length=cfg.max_length, limit=cfg.limit,
-                               on_bad_record=cfg.on_bad_record, chat=cfg.chat, report=str(out / "skipped.jsonl"),
-                               **common.data_options(cfg))
+                               on_bad_record=cfg.on_bad_record, chat=cfg.chat, **common.data_options(cfg))
     common.require_pairs(loaded, cfg.data)
     tokens = loaded.tokens
+    if "squeeze" in what and len(tokens) < 2:
+        raise ConfigError(f"--what squeeze needs at least 2 probe pairs (each prompt is scored with another "
+                          f"pair's response); {cfg.data} has {len(tokens)} usable")
     fp = {k: v for k, v in fingerprint(cfg, **source_id, tokens=store.digest(tokens.to_arrays()),
                                        what=list(what)).items()
-          if "entangle" in what or k not in ENTANGLE_SETTINGS}
+          if ("entangle" in what or k not in ENTANGLE_SETTINGS) and ("squeeze" in what or k not in SQUEEZE_SETTINGS)}
     per_example = {"index": tokens.index, "prompt_len": tokens.prompt.lengths,
                    "chosen_len": tokens.chosen.lengths, "rejected_len": tokens.rejected.lengths}
+    measurer = Measurer(parts, params0, tokens, loaded.pad_id, cfg, what=what, mesh=mesh,
+                        compiler_options=compiler_options, eos_id=loaded.eos_id)
+    # the store's fingerprint check is the last check of the inputs: only then is anything written
     zarr_store = ProbeStore(out / STORE_NAME, per_example=per_example, measures=measures_for(what),
                             attributes={"fingerprint": fp, "run": None if cfg.run is None else os.path.abspath(cfg.run),
                                         "data": cfg.data, "loss": cfg.loss, "beta": cfg.beta, "what": list(what)},
-                            overwrite=cfg.overwrite)
-    measurer = Measurer(parts, params0, tokens, loaded.pad_id, cfg, what=what, mesh=mesh,
-                        compiler_options=compiler_options)
+                            overwrite=cfg.overwrite, tokens=cfg.max_new_tokens)
+    if common.is_lead():
+        common.write_skipped(loaded, out)
     ckpts = RunCheckpoints(cfg.run) if cfg.run is not None else None
 
     def sources():

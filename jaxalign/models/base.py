@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxalign import parallel
 from jaxalign.errors import ModelError
 
 
@@ -218,6 +219,13 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     ``impl`` comes from :func:`resolve_attention_impl` (``"auto"`` is accepted too and resolved here from
     the query dtype). All implementations compute the same function (tested on CPU at float32, 1e-5).
     """
+    q_BTNH = parallel.constrain(q_BTNH, parallel.ACT_BTNH)
+    k_BSKH, v_BSKH = (parallel.constrain(a, parallel.ACT_BTKH) for a in (k_BSKH, v_BSKH))
+    out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, softcap=softcap, impl=impl)
+    return parallel.constrain(out_BTNH, parallel.ACT_BTNH)
+
+
+def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale, softcap, impl):
     B, T, N, H = q_BTNH.shape
     S = k_BSKH.shape[1]
     if impl == "auto":
@@ -428,8 +436,8 @@ class LayerNorm(nnx.Module):
 
 def unembed(hidden_BTD: jax.Array, table_VD: jax.Array, softcap: float | None = None) -> jax.Array:
     """Logits ``[B, T, V]`` float32 = ``hidden · tableᵀ`` (float32 accumulation), maybe soft-capped."""
-    logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, table_VD.astype(hidden_BTD.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = parallel.constrain(jnp.einsum("BTD,VD->BTV", hidden_BTD, table_VD.astype(hidden_BTD.dtype),
+                                               preferred_element_type=jnp.float32), parallel.ACT_BTV)
     if softcap is not None:
         logits_BTV = softcap * jnp.tanh(logits_BTV / softcap)
     return logits_BTV
@@ -479,8 +487,9 @@ class DecoderLM(nnx.Module):
         impl = resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=self.cfg.head_dim,
                                       softcap=softcap, per_call=True)
 
-        def run(layer, *args):
-            return layer(*args, impl)
+        def run(layer, x_BTD, *args):  # the residual stream stays sharded by rows between blocks
+            x_BTD, cache = layer(parallel.constrain(x_BTD, parallel.ACT_BTD), *args, impl)
+            return parallel.constrain(x_BTD, parallel.ACT_BTD), cache
 
         return remat_block(run, self.remat)
 
@@ -489,7 +498,7 @@ class DecoderLM(nnx.Module):
         """Final norm, logits if asked, and the cache advanced past this call's ``num_tokens``."""
         if cache is not None:
             cache = cache.advance(num_tokens)
-        hidden_BTD = self.final_norm(x_BTD)
+        hidden_BTD = parallel.constrain(self.final_norm(x_BTD), parallel.ACT_BTD)
         return ModelOutput(logits=self.logits(hidden_BTD) if return_logits else None, hidden=hidden_BTD,
                            layer_hidden=tuple(layer_hidden) if return_layer_hidden else None, cache=cache)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign import parallel
 from jaxalign.errors import ModelError
 from jaxalign.models import base
 
@@ -131,7 +132,7 @@ class MLP(nnx.Module):
         self.act = base.activation(cfg.hidden_act, "activation_function")
 
     def __call__(self, x_BTD):
-        return self.down_proj(self.act(self.up_proj(x_BTD)))
+        return self.down_proj(parallel.constrain(self.act(self.up_proj(x_BTD)), parallel.ACT_BTF))
 
 
 class DecoderLayer(nnx.Module):

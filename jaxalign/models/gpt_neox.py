@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign import parallel
 from jaxalign.errors import ModelError
 from jaxalign.models import base
 from jaxalign.models.rope import RopeConfig
@@ -135,7 +136,7 @@ class MLP(nnx.Module):
         self.act = base.activation(cfg.hidden_act)
 
     def __call__(self, x_BTD):
-        return self.down_proj(self.act(self.up_proj(x_BTD)))
+        return self.down_proj(parallel.constrain(self.act(self.up_proj(x_BTD)), parallel.ACT_BTF))
 
 
 class DecoderLayer(nnx.Module):

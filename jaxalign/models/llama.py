@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign import parallel
 from jaxalign.errors import ModelError
 from jaxalign.models import base
 from jaxalign.models.moe import SparseMoE
@@ -338,7 +339,7 @@ class MLP(nnx.Module):
         self.act = base.activation(cfg.hidden_act)
 
     def __call__(self, x_BTD):
-        h_BTF = self.act(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+        h_BTF = parallel.constrain(self.act(self.gate_proj(x_BTD)) * self.up_proj(x_BTD), parallel.ACT_BTF)
         return self.down_proj(h_BTF)
 
 

@@ -4,11 +4,22 @@ transformers' own GGUF tokenizer path imports torch, so for GGUF files we build 
 the file's metadata (``tokenizer.ggml.*`` and ``tokenizer.chat_template``) with the ``tokenizers``
 library and wrap it in ``transformers.PreTrainedTokenizerFast``.
 
-Supported GGUF tokenizers: ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE, as used by GPT-2,
-SmolLM, Llama 3, Qwen2, StarCoder, …) with one of the pre-tokenizers in :data:`GGUF_PRE_TOKENIZERS`
-(``tokenizer.ggml.pre``; absent means GPT-2's). SentencePiece (``"llama"``), unigram (``"t5"``) and
-WordPiece (``"bert"``) GGUF tokenizers raise ``ModelError``; convert such a model with its original
-HF tokenizer files instead.
+Supported GGUF tokenizers (``tokenizer.ggml.model``):
+
+* ``"gpt2"``: byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2, StarCoder, …) with one of the
+  pre-tokenizers in :data:`GGUF_PRE_TOKENIZERS` (``tokenizer.ggml.pre``; absent means GPT-2's).
+* ``"llama"``: SentencePiece BPE with byte fallback (Gemma, Llama 2, Mistral, Phi-3). A GGUF stores no
+  merges for it, only the pieces and their scores; SentencePiece's BPE merges, at each step, the adjacent
+  pair whose concatenation is the best-ranked piece (Kudo & Richardson, "SentencePiece", 2018, §3), so the
+  merge list is every ``(left, right)`` split of a piece into two pieces, ranked by the merged piece. The
+  rank is the score, except for Gemma, whose scores do not follow its merge order but whose file order does
+  (as transformers' GGUF converter ranks them), and whose all-space pieces llama.cpp writes with real
+  spaces (respelled ``▁``). Spaces are spelled ``▁``; a prefix ``▁`` is added when
+  ``tokenizer.ggml.add_space_prefix`` (default true; false for Gemma); characters with no piece become
+  ``<0xXX>`` byte tokens.
+
+Unigram (``"t5"``) and WordPiece (``"bert"``) GGUF tokenizers raise ``ModelError``; convert such a
+model with its original HF tokenizer files instead.
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ GGUF_PRE_TOKENIZERS: Mapping[str, str] = {
 }
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_SPM_SPACE = "\u2581"  # SentencePiece's spelling of a space
+# Gemma's SentencePiece pieces are ranked by file order, not by score, and its all-space pieces are
+# written with real spaces
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
 def load_tokenizer(folder: str | os.PathLike):
@@ -82,40 +97,113 @@ def _pre_tokenizer(pre: str | None, source: str):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGUF file"):
-    """Builds a ``PreTrainedTokenizerFast`` from GGUF tokenizer metadata (``tokenizer.ggml.*``).
+def _byte_level_backend(metadata: Mapping[str, Any], source: str):
+    """``(tokenizers.Tokenizer, pieces as the vocabulary spells them)`` of a ``"gpt2"`` GGUF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models
 
-    Args:
-      metadata: GGUF key -> value (strings, ints, lists), as :class:`jaxalign.models.gguf_file.GGUFFile`
-        reads them.
-      source: the file, for error messages.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelError(f"{source}: GGUF tokenizer model tokenizer.ggml.model={kind!r} is not supported; "
-                         "supported: 'gpt2' (byte-level BPE)")
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        if key not in metadata:
-            raise ModelError(f"{source}: GGUF metadata key {key!r} is missing")
+    if "tokenizer.ggml.merges" not in metadata:
+        raise ModelError(f"{source}: GGUF metadata key 'tokenizer.ggml.merges' is missing")
     tokens = list(metadata["tokenizer.ggml.tokens"])
-    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     alphabet = _byte_alphabet()
     letters = set(alphabet.values())
     spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
     vocab = {t: i for i, t in enumerate(spelled)}
     merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
-
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer(metadata.get("tokenizer.ggml.pre"), source)
     tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>, <|endoftext|>) are matched whole and are special; user-defined
-    # ones (<think>) are matched whole too. A "control" token outside the byte alphabet is a llama.cpp
-    # mislabel of an ordinary token and stays ordinary.
+    return tok, spelled
+
+
+def sentencepiece_merges(pieces: list[str], rank: list[float]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's greedy merging over ``pieces``.
+
+    Args:
+      pieces: the vocabulary, index = token id.
+      rank: per piece, higher merges first (the score, or minus the position).
+
+    Returns every ``(left, right)`` with ``left``, ``right`` and ``left + right`` all pieces, best merged
+    piece first. Equal ranks (two splits of one piece, or pieces with one score) put the longer left part
+    first, then the earlier piece: the order transformers' converter gives these ties, which SentencePiece
+    itself breaks by position in the text.
+    """
+    ids = {p: i for i, p in enumerate(pieces)}
+    best = {p: r for p, r in zip(pieces, rank)}  # a repeated piece keeps its last rank, as ``ids`` its last id
+    keyed = []
+    for order, piece in enumerate(ids):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                keyed.append(((-best[piece], -cut, cut - len(piece), order), left, right))
+    keyed.sort(key=lambda item: item[0])
+    return [(left, right) for _, left, right in keyed]
+
+
+def _sentencepiece_backend(metadata: Mapping[str, Any], source: str):
+    """``(tokenizers.Tokenizer, pieces as the vocabulary spells them)`` of a ``"llama"`` GGUF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    arch = str(metadata.get("general.architecture", ""))
+    pieces = list(metadata["tokenizer.ggml.tokens"])
+    if arch in _GEMMA_ARCHITECTURES:  # the text is matched with "▁"s (other files keep such pieces added)
+        pieces = [_SPM_SPACE * len(t) if t and not t.strip(" ") else t for t in pieces]
+        rank = [-float(i) for i in range(len(pieces))]
+    elif "tokenizer.ggml.scores" in metadata:
+        rank = [float(x) for x in metadata["tokenizer.ggml.scores"]]
+    else:
+        raise ModelError(f"{source}: GGUF metadata key 'tokenizer.ggml.scores' is missing")
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk_piece = pieces[int(unk)] if unk is not None and 0 <= int(unk) < len(pieces) else None
+    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)},
+                               merges=sentencepiece_merges(pieces, rank),
+                               unk_token=unk_piece, fuse_unk=True, byte_fallback=True))
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if arch == "phi3":  # a "▁" before the text and before every space, as Phi-3's own tokenizer.json does
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE),
+                                               normalizers.Replace(" ", _SPM_SPACE)])
+    elif prefix:  # a "▁" before the first piece of the text only
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPM_SPACE, prepend_scheme="first",
+                                                     split=False)
+    else:  # the whole text is one word: merges may cross spaces, as in SentencePiece
+        tok.normalizer = normalizers.Replace(" ", _SPM_SPACE)
+    if prefix or arch == "phi3":
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    return tok, pieces
+
+
+_BACKENDS = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
+
+
+def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGUF file"):
+    """Builds a ``PreTrainedTokenizerFast`` from GGUF tokenizer metadata (``tokenizer.ggml.*``).
+
+    Args:
+      metadata: GGUF key -> value (strings, ints, lists), as :class:`jaxalign.models.gguf_file.GGUFFile`
+        reads them (``general.architecture`` picks Gemma's and Phi-3's SentencePiece variants).
+      source: the file, for error messages.
+    """
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind not in _BACKENDS:
+        raise ModelError(f"{source}: GGUF tokenizer model tokenizer.ggml.model={kind!r} is not supported; "
+                         "supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE)")
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise ModelError(f"{source}: GGUF metadata key 'tokenizer.ggml.tokens' is missing")
+    tok, spelled = _BACKENDS[kind](metadata, source)
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    vocab = set(spelled)
+    # Control tokens (<|im_start|>, <start_of_turn>) are matched whole and are special; user-defined
+    # ones (<think>, Gemma's "\n\n") are matched whole too. In a byte-level vocabulary a "control"
+    # token outside the byte alphabet is a llama.cpp mislabel of an ordinary token and stays ordinary.
+    letters = set(_byte_alphabet().values()) if kind == "gpt2" else None
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= letters])
+                            for t, ty in zip(tokens, types)
+                            if ty == _CONTROL and (letters is None or set(t) <= letters)])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
 
@@ -124,7 +212,8 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGU
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
     bos, eos = token("bos_token_id"), token("eos_token_id")
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
         def template(seq):

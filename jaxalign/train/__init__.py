@@ -8,6 +8,8 @@
   shardings), ``loss_fn``, ``pair_logps``.
 * :mod:`jaxalign.train.measure` — reference log-probs, probe, ledger rows, eval and entanglement metrics.
 * :mod:`jaxalign.train.optim` — ``make_optimizer`` (adamw, sgd, torch-exact rmsprop), ``make_schedule``.
+* :mod:`jaxalign.train.telemetry` — the per-pair table (``read_table``), the displacement alarm and
+  ``train.stop_on_displacement``.
 * :mod:`jaxalign.train.checkpoint` (``Checkpointer``, ``Checkpointer.reader`` read-only),
   :mod:`jaxalign.train.ledger`, :mod:`jaxalign.train.ref_cache`.
 

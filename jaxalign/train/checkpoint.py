@@ -72,17 +72,19 @@ class Checkpointer:
             self._manager.reload()
         return sorted(int(s) for s in self._manager.all_steps())
 
-    def restore_params(self, step: int, params_like):
+    def restore_params(self, step: int, params_like, item: str | None = None):
         """The ``params`` of checkpoint ``step`` alone (a partial restore: no optimizer state is read),
-        placed like ``params_like`` (arrays or ``jax.ShapeDtypeStruct``s with shardings)."""
+        placed like ``params_like`` (arrays or ``jax.ShapeDtypeStruct``s with shardings); ``item`` names
+        the part of a state of several learners (``"disc"`` of a ``jaxalign online`` run)."""
         target = {"params": _abstract(params_like)}
+        target = target if item is None else {item: target}
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True)))
         except (ValueError, KeyError, FileNotFoundError) as err:
             raise CheckpointError(f"{self.directory}/{step}: cannot restore the parameters: {err}") from None
-        return out["state"]["params"]
+        return (out["state"] if item is None else out["state"][item])["params"]
 
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         """Saves ``state`` (arrays), ``data_state`` and ``meta`` (JSON) as checkpoint ``step``."""

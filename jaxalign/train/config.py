@@ -7,11 +7,13 @@ A run file has the sections below (every field is commented where it is declared
     data:       {train, eval, probe, probe_size, max_length, shared_prompt, shuffle, chat, append_eos, ...}
     loss:       {name, beta, options, sft_coeff, reference}
     optim:      {name, lr, schedule, warmup_steps, warmup_ratio, max_grad_norm, ...}
-    train:      {batch_size, grad_accum, epochs, steps, seed}
-    mesh:       {data, fsdp, tensor}
+    train:      {batch_size, grad_accum, epochs, steps, seed, stop_on_displacement}
+    mesh:       {data, fsdp, tensor, expert}
     intervals:  {log, eval, probe, ledger, checkpoint}
     checkpoint: {keep_last, best_metric, best_mode, async_save}
+    telemetry:  {pairs, params}
     output_dir: runs/NAME
+    mitigations: [{rule, action, coeff}]   (per-pair rules, with data.filter / data.weights: pair_rules.py)
 
 Unknown keys and values of the wrong type raise :class:`jaxalign.errors.ConfigError` naming the dotted
 key (``optim.lr: expected a number, got 'fast'``). Each part of the program receives only its section.
@@ -29,6 +31,7 @@ from jaxalign import config as config_lib
 from jaxalign import losses
 from jaxalign.config import apply_overrides, build_dataclass, coerce, flatten  # noqa: F401 (re-exported)
 from jaxalign.errors import ConfigError
+from jaxalign.train import pair_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,10 @@ class DataConfig:
     append_eos: bool = True        # end every response with EOS (false: the response's own tokens only)
     prompt_length: int | None = None    # pad prompts to this many tokens (None: the set's longest, rounded up to 8)
     response_length: int | None = None  # pad responses to this many tokens (fixed shapes: one compiled step for many sets)
+    # drop pairs before training by a score of the reference pass (train/pair_rules.py):
+    # {score: ln_ches, drop_top: 0.05} (also drop_bottom, min, max)
+    filter: Union[dict, None] = None
+    weights: Union[str, dict, None] = None  # per-pair loss weight: a record column, or {rule: RULE, weight: W}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +116,15 @@ class TrainConfig:
     epochs: float | None = 1       # used when steps is None
     steps: int | None = None       # total optimiser steps (overrides epochs)
     seed: int = 0
+    # {steps: N, frac: F}: stop (with a checkpoint, CLI exit status 3) once N consecutive steps raise the
+    # displacement alarm on more than a fraction F of their pairs (train/telemetry.py)
+    stop_on_displacement: Union[dict, None] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    pairs: bool = False            # per-pair gradient geometry in the train step, OUTPUT/telemetry/ table
+    params: str | None = None      # regex of the trained parameters it covers (None: all trained ones)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +132,7 @@ class MeshConfig:
     data: int = -1                 # -1: all devices not used by fsdp and tensor
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1                # a mixture-of-experts model's experts split over this many devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +165,11 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     intervals: IntervalConfig = dataclasses.field(default_factory=IntervalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
     output_dir: str = "runs/default"
     cache_dir: str | None = None   # reference log-prob cache (default OUTPUT/../.ref_cache)
+    # per-pair mitigations [{rule: "ln_ches > q0.9", action: drop|weight|sft|dpop, coeff: C}] (train/pair_rules.py)
+    mitigations: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,7 +181,7 @@ class RunConfig:
 # Fields that may change on --resume without altering the run's numbers (the run length only while
 # the learning rate does not depend on it; the probe set may not change: the ledger is per probe pair).
 RESUMABLE_CHANGES = ("intervals.", "checkpoint.", "output_dir", "cache_dir", "loss.reference",
-                     "train.steps", "train.epochs", "data.eval", "mesh.")
+                     "train.steps", "train.epochs", "data.eval", "mesh.", "train.stop_on_displacement")
 
 
 def _validate(cfg: RunConfig) -> RunConfig:
@@ -195,7 +215,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     positive("data.max_length", cfg.data.max_length)
     positive("data.prompt_length", cfg.data.prompt_length)
     positive("data.response_length", cfg.data.response_length)
-    for axis in ("data", "fsdp", "tensor"):
+    for axis in ("data", "fsdp", "tensor", "expert"):
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{axis}: must be a positive size or -1, got {size}")
@@ -204,6 +224,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
         if value is not None and value not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.{key}: expected float32, bfloat16 or float16, got {value!r}")
     _validate_lora(cfg)
+    _validate_telemetry(cfg)
+    pair_rules.check(cfg.data, cfg.mitigations)
     terms = loss_terms(cfg.loss)  # the list's shape; then loss names, option types and ranges
     losses.check_options([t[0] for t in terms] if isinstance(cfg.loss.name, list) else cfg.loss.name,
                          {k: v for t in terms for k, v in t[2].items()}, key="loss.name")
@@ -223,6 +245,28 @@ def _validate_lora(cfg: RunConfig) -> None:
         raise ConfigError("lora.target: leave it unset with lora.adapter (the adapter folder names its targets)")
     if cfg.loss.reference == "adapter_off" and not lo.enabled:
         raise ConfigError("loss.reference: adapter_off needs LoRA (set lora.target or lora.adapter)")
+
+
+def stop_rule(train: TrainConfig) -> tuple[int, float] | None:
+    """``train.stop_on_displacement`` as ``(steps, frac)`` (``None``: off); ConfigError names the key."""
+    rule = train.stop_on_displacement
+    if rule is None:
+        return None
+    key = "train.stop_on_displacement"
+    if not isinstance(rule, dict) or set(rule) - {"steps", "frac"} or "steps" not in rule:
+        raise ConfigError(f"{key}: expected {{steps: N, frac: F}}, got {rule!r}")
+    steps = coerce(rule["steps"], int, f"{key}.steps")
+    frac = coerce(rule.get("frac", 0.5), float, f"{key}.frac")
+    if steps < 1 or not 0 <= frac < 1:
+        raise ConfigError(f"{key}: needs steps >= 1 and 0 <= frac < 1, got steps={steps}, frac={frac}")
+    return steps, frac
+
+
+def _validate_telemetry(cfg: RunConfig) -> None:
+    stop_rule(cfg.train)
+    if cfg.telemetry.pairs and not cfg.data.shared_prompt:
+        raise ConfigError("telemetry.pairs: needs data.shared_prompt: true (the step's pass runs each "
+                          "prompt once)")
 
 
 def loss_terms(loss: LossConfig) -> list[tuple[str, float, dict]]:

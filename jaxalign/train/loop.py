@@ -45,6 +45,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,10 @@ from flax import nnx
 from jaxalign.errors import CheckpointError, ConfigError, JaxAlignError, ModelError
 from jaxalign.models import lora
 from jaxalign.models.paths import resolve_model_path
-from jaxalign.train import optim, ref_cache
+from jaxalign.train import optim, pair_rules, ref_cache, telemetry
 from jaxalign.train import step as step_lib
 from jaxalign.train.checkpoint import Checkpointer
-from jaxalign.train.config import RunConfig, fingerprint, run_changes
+from jaxalign.train.config import RunConfig, fingerprint, run_changes, stop_rule
 from jaxalign.train.ledger import Ledger
 from jaxalign.train.measure import (DataSet, Measurer, Scorer, device_keys, host_batch, reference,  # noqa: F401
                                     to_device, to_host)
@@ -179,7 +180,7 @@ class PairOrder:
 # --- device placement -----------------------------------------------------------------------------
 
 def make_run_mesh(mesh_cfg) -> jax.sharding.Mesh:
-    shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    shape = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.expert]
     devices = jax.devices()
     if -1 not in shape:
         n = math.prod(shape)
@@ -273,6 +274,7 @@ class Run:
       measure: probe, ledger, eval and entanglement; ckpt: the checkpointer; log: ``metrics.jsonl``.
       meta: stored with each checkpoint; start_step: the restored step (0 for a new run);
       resumed: a checkpoint was restored.
+      pair_counts: ``data/pairs_{kept,dropped,mitigated}`` when pair rules are set (step 0's metrics line).
     """
 
     cfg: RunConfig
@@ -295,6 +297,8 @@ class Run:
     log: MetricsLog | None = None
     start_step: int = 0
     resumed: bool = False
+    pair_counts: dict = dataclasses.field(default_factory=dict)  # data/pairs_*: what the pair rules did
+    monitor: Any = None            # telemetry.Monitor: per-pair table, alarm, stop_on_displacement
 
 
 def _refuse_existing_run(out: Path, resume: bool) -> None:
@@ -318,7 +322,7 @@ def _load_sets(cfg: RunConfig, tokenizer, train_source, cache_dir: str) -> dict[
     tok_cache = str(Path(cache_dir) / "tokenized")
     train_tokens, train_prov = load_tokens_and_provenance(train_source, tokenizer, d, cache_dir=tok_cache,
                                                           limit=d.limit)
-    sets = {"train": DataSet("train", train_tokens, set_lengths(train_tokens, d, "train"))}
+    sets = {"train": DataSet("train", train_tokens, set_lengths(train_tokens, d, "train"), provenance=train_prov)}
     if d.eval:
         t = load_tokens(d.eval, tokenizer, d, cache_dir=tok_cache)
         sets["eval"] = DataSet("eval", t, set_lengths(t, d, "eval"))
@@ -329,6 +333,58 @@ def _load_sets(cfg: RunConfig, tokenizer, train_source, cache_dir: str) -> dict[
     sets["probe"] = DataSet("probe", probe_tokens, set_lengths(probe_tokens, d, "probe"),
                             provenance={k: v[:n] for k, v in probe_prov.items()})
     return sets
+
+
+def _reference_pass(cfg: RunConfig, spec, sets: dict[str, DataSet], ref_scorer: Scorer, params, *,
+                    cache_dir: str, weights_key: str | None, write: bool) -> None:
+    """Sets each set's reference log-probs (``ref``) and, when pair rules are configured, the training
+    pairs' ``scores`` (:mod:`pair_rules`; ``ches`` and ``ln_ches`` from the same shared-prompt pass, cached
+    with the log-probs). Without rules the pass is the plain log-prob program, so runs without rules keep
+    their compiled programs (and the bit-identical kill-and-resume of ``tests/test_train.py``).
+
+    The training set's pass is skipped when neither the loss (cached reference) nor a pair rule needs it.
+    """
+    online = spec.needs_reference and cfg.loss.reference == "online"
+    rules = pair_rules.uses_rules(cfg.data, cfg.mitigations)
+    for s in sets.values():
+        train = s.name == "train"
+        uses_ref = not (train and (online or not spec.needs_reference))
+        if not (uses_ref or (train and rules)):
+            continue
+        arrays = reference(ref_scorer, s, params, cache_dir=cache_dir, weights_key=weights_key,
+                           dtype=f"{cfg.model.param_dtype}/{cfg.model.dtype}",
+                           shared_prompt=spec.shared_prompt, write=write, with_ches=train and rules)
+        s.ref = {k: arrays[k] for k in step_lib.REF_KEYS} if uses_ref else None
+        if train:
+            s.scores = pair_rules.pair_scores(arrays, s.tokens)
+
+
+def _route_pairs(cfg: RunConfig, train: DataSet, source, out: Path, primary: bool) -> tuple[DataSet, dict]:
+    """The training set after ``data.filter``, ``data.weights`` and ``mitigations`` (:mod:`pair_rules`):
+    dropped pairs removed, the per-pair arrays attached; ``OUTPUT/filtered.jsonl`` and
+    ``OUTPUT/mitigated.jsonl`` written and a line printed (process 0). Returns it and the counts."""
+    d = cfg.data
+    if not pair_rules.uses_rules(d, cfg.mitigations):
+        return train, {}
+    column = (pair_rules.column_weights(source, d.weights, train.provenance) if isinstance(d.weights, str)
+              else None)
+    plan = pair_rules.plan(d, cfg.mitigations, train.scores, column)
+    names = pair_rules.scores_needed(d, cfg.mitigations)
+    counts = pair_rules.count(plan)
+    if primary:
+        pair_rules.write_reports(out, plan, train.provenance["index"], train.scores, names)
+        print(f"pair rules: kept {counts['kept']} of {len(plan.reasons)} training pairs, dropped "
+              f"{counts['dropped']}, mitigated {counts['mitigated']} (see {out}/filtered.jsonl and "
+              f"{out}/mitigated.jsonl)", file=sys.stderr)
+    keep = np.flatnonzero(plan.keep)
+    if keep.size == 0:
+        keys = sorted({r.split(":")[0] for r in plan.reasons if r})
+        raise ConfigError(f"{' and '.join(keys)}: every one of the {len(plan.reasons)} training pairs is "
+                          f"dropped (the reasons are in {out}/filtered.jsonl)")
+    pick = lambda arrays: None if arrays is None else {k: v[keep] for k, v in arrays.items()}  # noqa: E731
+    kept = DataSet("train", subset(train.tokens, keep), train.lengths, ref=pick(train.ref),
+                   provenance=pick(train.provenance), scores=pick(train.scores), pair_arrays=pick(plan.arrays))
+    return kept, {f"data/pairs_{k}": v for k, v in counts.items()}
 
 
 def _restore(run: Run) -> None:
@@ -352,6 +408,12 @@ def _checks(cfg: RunConfig, resume: bool) -> tuple[Any, int, step_lib.Objective]
     micro = _batch_size_check(cfg, mesh)
     spec = step_lib.Objective.from_config(cfg.loss, shared_prompt=cfg.data.shared_prompt,
                                           grad_accum=cfg.train.grad_accum)
+    spec = dataclasses.replace(spec, pair_outputs=True, telemetry=cfg.telemetry.pairs,  # telemetry.py
+                               telemetry_params=cfg.telemetry.params)
+    for m in pair_rules.parse_mitigations(cfg.mitigations):
+        if m.action == "dpop" and not spec.needs_reference:
+            raise ConfigError(f"{m.key}.action: dpop needs reference log-probs; the loss {cfg.loss.name!r} "
+                              "is reference-free")
     _refuse_existing_run(Path(cfg.output_dir), resume)
     return mesh, micro, spec
 
@@ -371,10 +433,6 @@ def _build(cfg: RunConfig, model, tokenizer, train_source, *, weights_key: str |
     _, pad_id = special_ids(tokenizer)
     cache_dir = cfg.cache_dir or str(out.parent / ".ref_cache")
     sets = _load_sets(cfg, tokenizer, train_source, cache_dir)
-    order = PairOrder(len(sets["train"].tokens), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
-    total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * order.batches_per_epoch)))
-    opt_key = (cfg.optim, total_steps)
-    optimizer = optim.make_optimizer(cfg.optim, total_steps)
     scorer = Scorer(mesh, micro, pad_id, parts.rest,
                     step_lib.jit_pair_scores(parts, shared_prompt=spec.shared_prompt),
                     step_lib.jit_pair_scores(parts, shared_prompt=spec.shared_prompt, with_ches=True))
@@ -382,19 +440,23 @@ def _build(cfg: RunConfig, model, tokenizer, train_source, *, weights_key: str |
     ref_scorer = scorer
     if cfg.loss.reference == "adapter_off":  # frozen base weights: computed once, equal every step
         ref_scorer = dataclasses.replace(scorer, logps_fn=step_lib.jit_pair_scores(
-            parts, shared_prompt=spec.shared_prompt, adapters=False))
+            parts, shared_prompt=spec.shared_prompt, adapters=False), probe_fn=step_lib.jit_pair_scores(
+            parts, shared_prompt=spec.shared_prompt, with_ches=True, adapters=False))
         weights_key = base_key
-    for s in sets.values():
-        if not (s.name == "train" and (online or not spec.needs_reference)):
-            s.ref = reference(ref_scorer, s, params, cache_dir=cache_dir, weights_key=weights_key,
-                              dtype=f"{cfg.model.param_dtype}/{cfg.model.dtype}",
-                              shared_prompt=spec.shared_prompt, write=primary)
+    _reference_pass(cfg, spec, sets, ref_scorer, params, cache_dir=cache_dir, weights_key=weights_key,
+                    write=primary)
+    sets["train"], pair_counts = _route_pairs(cfg, sets["train"], train_source, out, primary)
+    order = PairOrder(len(sets["train"].tokens), cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle)
+    total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * order.batches_per_epoch)))
+    opt_key = (cfg.optim, total_steps)
+    optimizer = optim.make_optimizer(cfg.optim, total_steps)
     ref_params = jax.tree.map(jnp.copy, params) if online else None
     state = step_lib.init_state(optimizer, params, step_lib.shardings_of(params), mesh, seed=cfg.train.seed,
                                 key=opt_key)
     del params
-    batch_sh = {k: parallel.batch_sharding(mesh, 1 if k in step_lib.REF_KEYS else 2)
-                for k in step_lib.BATCH_KEYS + (step_lib.REF_KEYS if sets["train"].ref is not None else ())}
+    batch_sh = {k: parallel.batch_sharding(mesh, 2 if k in step_lib.BATCH_KEYS else 1)
+                for k in step_lib.BATCH_KEYS + (step_lib.REF_KEYS if sets["train"].ref is not None else ())
+                + (step_lib.MITIGATION_KEYS if sets["train"].pair_arrays is not None else ())}
     train_fn = step_lib.jit_train_step(
         parts=parts, spec=spec, optimizer=optimizer, schedule=optim.make_schedule(cfg.optim, total_steps),
         state_shardings=step_lib.shardings_of(state), batch_shardings=batch_sh,
@@ -405,7 +467,7 @@ def _build(cfg: RunConfig, model, tokenizer, train_source, *, weights_key: str |
     measure = Measurer(scorer, parts, spec, sets["probe"], sets.get("eval"))
     meta = {"config": cfg.to_dict(), "fingerprint": fingerprint(cfg.to_dict()), "total_steps": total_steps}
     run = Run(cfg, out, primary, mesh, spec, parts, parts.rest, tokenizer, sets, order, total_steps, state,
-              ref_params, train_fn, measure, ckpt, meta)
+              ref_params, train_fn, measure, ckpt, meta, pair_counts=pair_counts)
     if resume:
         _restore(run)
     _open_writers(run)
@@ -444,6 +506,8 @@ def _open_writers(run: Run) -> None:
             run.measure.ledger = Ledger(out / "ledger.zarr", len(probe.tokens), pairs=probe.provenance)
             run.measure.ledger.truncate(run.start_step if run.resumed else -1)
     run.log = MetricsLog(out / "metrics.jsonl", run.primary, run.start_step if run.resumed else None)
+    run.monitor = telemetry.Monitor(out if run.primary else None, table=cfg.telemetry.pairs,
+                                    stop=stop_rule(cfg.train), resume_step=run.start_step if run.resumed else None)
 
 
 def _check_sources(cfg: RunConfig) -> None:
@@ -521,6 +585,8 @@ def _diverged(run: Run, s: int, metrics: dict, last_good: int | None) -> Trainin
 def _finish(run: Run, pending: tuple, tally: _Tally, todo: dict, bar) -> None:
     """Reads step ``s``'s metrics, logs, measures and checkpoints what ``todo`` asks."""
     s, metrics_dev, ntok, data_state = pending
+    metrics_dev = dict(metrics_dev)
+    pairs_dev, pair_ids = metrics_dev.pop("pairs", None), metrics_dev.pop("pair_ids", None)
     metrics = {k: float(to_host(v)) for k, v in metrics_dev.items()}
     if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
         raise _diverged(run, s, metrics, tally.last_good)
@@ -534,6 +600,10 @@ def _finish(run: Run, pending: tuple, tally: _Tally, todo: dict, bar) -> None:
         record.update(metrics, tokens_per_s=rate)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{rate:.0f}")
+    if pairs_dev is not None:  # every step (the table, the stop rule); logged with the metrics
+        pair_metrics = run.monitor.observe(s, pair_ids, {k: to_host(v) for k, v in pairs_dev.items()})
+        if todo["log"]:
+            record.update(pair_metrics)
     host = run.measure.at(s, run.state.params, todo)
     record.update(host)
     if len(record) > 2:
@@ -541,6 +611,7 @@ def _finish(run: Run, pending: tuple, tally: _Tally, todo: dict, bar) -> None:
     if todo["checkpoint"]:
         run.ckpt.save(s, run.state, data_state, dict(run.meta, step=s), metrics=host or None)
         tally.last_good = s
+        run.monitor.flush()
     if bar is not None:
         bar.update(1)
 
@@ -552,17 +623,39 @@ def _train_batch(run: Run, rows: np.ndarray) -> tuple[dict, int]:
     if train.ref is not None:
         b["ref_chosen_logps"] = train.ref["ref_chosen_logps"][rows].astype(np.float32)
         b["ref_rejected_logps"] = train.ref["ref_rejected_logps"][rows].astype(np.float32)
+    for k, v in (train.pair_arrays or {}).items():
+        b[k] = v[rows]
     ntok = int(2 * b["prompt_mask"].sum() + b["chosen_mask"].sum() + b["rejected_mask"].sum())
     return device_keys(b), ntok
+
+
+def _pair_ids(train: DataSet, rows: np.ndarray) -> np.ndarray:
+    """The training-data index of each row of a batch (``provenance["index"]`` after the pair rules)."""
+    index = (train.provenance or {}).get("index")
+    return np.asarray(rows if index is None else np.asarray(index)[rows], np.int64)
+
+
+def _stop_on_displacement(run: Run, s: int, pending, tally: _Tally, due, bar) -> None:
+    """``train.stop_on_displacement``: finishes step ``s`` (the last dispatched), checkpoints it unless
+    that was done, and raises :class:`~jaxalign.train.telemetry.DisplacementStop`."""
+    if pending is not None:
+        _finish(run, pending, tally, due(pending[0]), bar)
+    if tally.last_good != s:
+        run.ckpt.save(s, run.state, run.order.state(), dict(run.meta, step=s))
+        tally.last_good = s
+        run.monitor.flush()
+    run.ckpt.wait()
+    raise run.monitor.stop_error(s, run.ckpt.directory)
 
 
 def run_loop(run: Run, *, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Trains ``run`` to its last step (or ``stop_after`` more steps); returns the summary of :func:`train`."""
     cfg = run.cfg
     iv = cfg.intervals
-    if not run.resumed and (iv.probe or iv.ledger):
-        m = run.measure.probe_and_ledger(0, run.state.params, bool(iv.probe), bool(iv.ledger))
-        run.log.write({"step": 0, **m})
+    if not run.resumed and (iv.probe or iv.ledger or run.pair_counts):
+        m = run.measure.probe_and_ledger(0, run.state.params, bool(iv.probe), bool(iv.ledger)) if (
+            iv.probe or iv.ledger) else {}
+        run.log.write({"step": 0, **run.pair_counts, **m})
     bar = None
     if progress and run.primary:
         from tqdm import tqdm
@@ -573,23 +666,28 @@ def run_loop(run: Run, *, progress: bool = True, stop_after: int | None = None) 
     pending = None  # (step, metrics, tokens, data_state) of the last dispatched step
     try:
         for s in range(run.start_step + 1, end_step + 1):
-            batch, ntok = _train_batch(run, run.order.next_rows())
+            rows = run.order.next_rows()
+            batch, ntok = _train_batch(run, rows)
             data_state = run.order.state()
             todo = due(s)
             needs_state = any(todo[k] for k in ("checkpoint", "probe", "ledger", "eval", "entanglement"))
             run.state, metrics = run.train_fn(run.state, to_device(batch, run.mesh), run.rest, run.ref_params)
+            metrics = dict(metrics, pair_ids=_pair_ids(run.sets["train"], rows))
             if pending is not None:  # dispatch-ahead: step s-1's metrics are read while step s runs
                 _finish(run, pending, tally, due(pending[0]), bar)
             pending = (s, metrics, ntok, data_state)
             if needs_state:  # the state of step s is read on the host now, before it is donated
                 _finish(run, pending, tally, todo, bar)
                 pending = None
+            if run.monitor.should_stop():
+                _stop_on_displacement(run, s, pending, tally, due, bar)
         if pending is not None:
             _finish(run, pending, tally, due(pending[0]), bar)
         run.ckpt.wait()
     finally:
         if bar is not None:
             bar.close()
+        run.monitor.flush()
         run.log.close()
         run.ckpt.close()
     exported = None

@@ -23,6 +23,7 @@ import numpy as np
 from jaxalign import parallel
 from jaxalign.analysis import entanglement as ent
 from jaxalign.errors import CheckpointError
+from jaxalign.models import lora
 from jaxalign.train import ref_cache
 from jaxalign.train import step as step_lib
 from jaxalign.train.ledger import Ledger
@@ -40,7 +41,8 @@ def host_batch(tokens, rows: np.ndarray, lengths: tuple[int, int], pad_id: int) 
 
 def device_keys(batch: dict) -> dict:
     """The entries of a host batch that the jitted steps take."""
-    return {k: v for k, v in batch.items() if k in step_lib.BATCH_KEYS or k in step_lib.REF_KEYS}
+    keys = step_lib.BATCH_KEYS + step_lib.REF_KEYS + step_lib.MITIGATION_KEYS
+    return {k: v for k, v in batch.items() if k in keys}
 
 
 def to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -79,6 +81,8 @@ class DataSet:
     lengths: tuple[int, int]
     ref: dict[str, np.ndarray] | None = None
     provenance: dict[str, np.ndarray] | None = None  # record index and origin of each pair (the ledger's)
+    scores: dict[str, np.ndarray] | None = None      # train: the reference pass's per-pair scores (pair_rules)
+    pair_arrays: dict[str, np.ndarray] | None = None  # train: step.MITIGATION_KEYS [N] of the per-pair mitigations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +112,19 @@ class Scorer:
 
 
 def reference(scorer: Scorer, s: DataSet, params, *, cache_dir: str | None, weights_key: str | None,
-              dtype: str, shared_prompt: bool, write: bool) -> dict[str, np.ndarray]:
+              dtype: str, shared_prompt: bool, write: bool, with_ches: bool = False) -> dict[str, np.ndarray]:
     """The log-probs of ``s`` under ``params`` (the initial model) as ``ref_chosen_logps`` and
-    ``ref_rejected_logps`` ``[N]``, through the disk cache unless ``weights_key`` is ``None``."""
+    ``ref_rejected_logps`` ``[N]``, through the disk cache unless ``weights_key`` is ``None``.
+
+    ``with_ches`` (shared prompt only): the same forward pass (``scorer.probe_fn``) also gives every
+    pair's ``ches`` and ``ln_ches`` ``[N]``, cached in the same entry (:mod:`ref_cache`).
+    """
+    need = ("ches", "ln_ches") if with_ches and shared_prompt else ()
+
     def compute() -> dict[str, np.ndarray]:
-        lp = scorer.logps(params, s)
+        lp = scorer.logps(params, s, scorer.probe_fn if need else None)
         return {"ref_chosen_logps": lp["chosen_logps"], "ref_rejected_logps": lp["rejected_logps"],
-                "index": s.tokens.index}
+                "index": s.tokens.index, **{k: lp[k] for k in need}}
 
     if weights_key is None or cache_dir is None:
         arrays = compute()
@@ -123,7 +133,7 @@ def reference(scorer: Scorer, s: DataSet, params, *, cache_dir: str | None, weig
                                   tokens=ref_cache.tokens_fingerprint(s.tokens), lengths=s.lengths,
                                   shared_prompt=shared_prompt)
         path = Path(cache_dir) / f"{key}.npz"
-        hit = path.exists()
+        hit = ref_cache.has_entry(cache_dir, key, need)
         if jax.process_count() > 1:  # compute together unless every process can read the entry
             from jax.experimental import multihost_utils
             hit = bool(np.all(multihost_utils.process_allgather(np.asarray(hit))))
@@ -133,8 +143,8 @@ def reference(scorer: Scorer, s: DataSet, params, *, cache_dir: str | None, weig
                 raise CheckpointError(f"{path}: the reference cache entry cannot be read; delete it")
             return compute()
 
-        arrays, _ = ref_cache.load_or_compute(cache_dir, key, compute_once, write=write)
-    return {"ref_chosen_logps": arrays["ref_chosen_logps"], "ref_rejected_logps": arrays["ref_rejected_logps"]}
+        arrays, _ = ref_cache.load_or_compute(cache_dir, key, compute_once, write=write, need=need)
+    return {k: arrays[k] for k in ("ref_chosen_logps", "ref_rejected_logps") + need}
 
 
 # --- metrics -----------------------------------------------------------------------------------------------
@@ -204,16 +214,20 @@ class Measurer:
 
     def entangle(self, params) -> dict:
         """``entanglement/*`` of the probe pairs under ``params`` (Yuan et al.; this process's pairs): mean
-        ⟨g_w, g_l⟩, cosine, squared norms, and the fractions of the predicted cases."""
+        ⟨g_w, g_l⟩, cosine, squared norms, and the fractions of the predicted cases. The gradients are
+        over the trained parameters: all of them, or a LoRA run's adapters."""
         spec, probe, micro = self.spec, self.probe, self.scorer.micro
         n = len(probe.tokens)
         rows = np.arange(-(-n // micro) * micro)
         b = host_batch(probe.tokens, np.where(rows < n, rows, -1), probe.lengths, self.scorer.pad_id)
         refs = {k: np.pad(v, (0, len(rows) - n)) for k, v in probe.ref.items()}
         options = dict(spec.options, **({"weights": spec.weights} if spec.weights else {}))
-        res = ent.entanglement(self.parts.merge(params, self.scorer.rest), {k: b[k] for k in ent.BATCH_FIELDS},
+        model = self.parts.merge(params, self.scorer.rest)
+        # a LoRA run trains the adapters only: their entanglement is the one its steps act on
+        trained = ent.LORA if lora.has_adapters(model) else None
+        res = ent.entanglement(model, {k: b[k] for k in ent.BATCH_FIELDS},
                                loss=list(spec.names) if spec.weights else spec.names[0], beta=spec.beta,
-                               loss_options=options, mesh=self.scorer.mesh,
+                               loss_options=options, mesh=self.scorer.mesh, params=trained,
                                ref_chosen_logps=refs["ref_chosen_logps"],
                                ref_rejected_logps=refs["ref_rejected_logps"])
         return entanglement_metrics(res, n)

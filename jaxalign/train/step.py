@@ -17,6 +17,9 @@ micro-batches are averaged in a ``lax.scan`` (equal micro-batches, so the mean o
 Metrics are TRL's: ``loss``, ``rewards/chosen`` = β·mean(s_w − s_w^ref), ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies`` = mean(r_w > r_l), ``logps/chosen``, ``logps/rejected``;
 plus ``grad_norm`` (before clipping) and ``learning_rate``. Reference-free losses have rewards β·s.
+With ``Objective.pair_outputs`` the metrics also hold ``pairs``: ``[B]`` arrays per pair in batch order
+(:data:`PAIR_KEYS`; with ``Objective.telemetry`` also :data:`TELEMETRY_KEYS`, from the step's own pass:
+:func:`telemetry_grads`), read by :mod:`jaxalign.train.telemetry`.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxalign import losses, pairs
+from jaxalign import losses, pairs, parallel
 from jaxalign.models import lora
 from jaxalign.models.parts import ModelParts  # noqa: F401  (re-exported: the trainer's model split)
 from jaxalign.analysis import ches
+from jaxalign.analysis import entanglement as ent
+from jaxalign.analysis import entanglement_step as ent_step
 from jaxalign.errors import ConfigError, LossError
 
 BATCH_KEYS = pairs.KEYS
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+MITIGATION_KEYS = ("pair_weight", "sft_weight", "dpop_lambda")  # per-pair mitigations (train/pair_rules.py)
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")
 
@@ -70,6 +76,10 @@ class Objective:
       shared_prompt: pair_forward (True) or full rows (False).
       grad_accum: micro-batches per step, ``A``.
       chunk_size: sequence chunk of the log-softmax.
+      pair_outputs: the step also returns the per-pair ``pairs`` arrays (:func:`train_step`).
+      telemetry: the step computes each pair's gradient geometry from its own pass
+        (:func:`telemetry_grads`; shared prompt only); implies ``pair_outputs``.
+      telemetry_params: regex of the trained parameters the geometry covers (``None``: all).
     """
 
     names: tuple[str, ...]
@@ -80,6 +90,9 @@ class Objective:
     shared_prompt: bool = True
     grad_accum: int = 1
     chunk_size: int | None = 128
+    pair_outputs: bool = False
+    telemetry: bool = False
+    telemetry_params: str | None = None
 
     @property
     def needs_reference(self) -> bool:
@@ -162,8 +175,9 @@ def weighted_objective(spec: Objective, lp: dict, refs: dict, weights: jax.Array
     Args:
       spec: the objective.
       lp: ``chosen_logps``, ``rejected_logps``, ``chosen_lengths``, ``rejected_lengths``, each ``[B]``.
-      refs: ``ref_chosen_logps`` and ``ref_rejected_logps`` ``[B]`` when the loss needs them (other keys
-        are ignored, so a whole batch may be passed).
+      refs: ``ref_chosen_logps`` and ``ref_rejected_logps`` ``[B]`` when the loss needs them, and the
+        per-pair mitigations :data:`MITIGATION_KEYS` ``[B]`` when the run routes pairs (:func:`_pair_mitigations`;
+        other keys are ignored, so a whole batch may be passed).
       weights: per-pair weights ``[B]``, or ``None`` for the plain mean.
 
     Returns:
@@ -175,10 +189,29 @@ def weighted_objective(spec: Objective, lp: dict, refs: dict, weights: jax.Array
         rejected_logps=lp["rejected_logps"], ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
         chosen_lengths=lp["chosen_lengths"], rejected_lengths=lp["rejected_lengths"], beta=spec.beta,
         weights=spec.weights, **dict(spec.options))
+    per_example, pair_weight = _pair_mitigations(spec, lp, refs, per_example)
     loss = _mean(per_example, weights)
     if spec.sft_coeff:
-        loss = loss + spec.sft_coeff * _mean(-lp["chosen_logps"], weights)
+        loss = loss + spec.sft_coeff * _mean(-lp["chosen_logps"] * pair_weight, weights)
     return loss, _reward_metrics(spec.beta, lp, ref_c, ref_r, loss, weights)
+
+
+def _pair_mitigations(spec: Objective, lp: dict, refs: dict, per_example: jax.Array
+                      ) -> tuple[jax.Array, jax.Array | float]:
+    """The per-pair mitigations of :data:`MITIGATION_KEYS` in ``refs`` (each ``[B]``, absent: none) applied to
+    the per-example loss: where ``dpop_lambda > 0`` the loss is DPO-Positive with that λ
+    (:func:`jaxalign.losses.dpop`), ``sft_weight·(−s_w)`` is added, and the sum is multiplied by
+    ``pair_weight`` (returned too: it also scales the run-wide ``sft_coeff`` term)."""
+    lam, sft, pair_weight = refs.get("dpop_lambda"), refs.get("sft_weight"), refs.get("pair_weight")
+    if lam is not None:
+        dpop = losses.dpop(lp["chosen_logps"], lp["rejected_logps"], refs["ref_chosen_logps"],
+                           refs["ref_rejected_logps"], beta=spec.beta, dpop_lambda=lam)
+        per_example = jnp.where(lam > 0, dpop, per_example)
+    if sft is not None:
+        per_example = per_example + sft * -lp["chosen_logps"]
+    if pair_weight is None:
+        return per_example, 1.0
+    return pair_weight * per_example, pair_weight
 
 
 def _reward_metrics(beta, lp, ref_c, ref_r, loss, weights=None) -> dict:
@@ -205,7 +238,83 @@ def loss_fn(params, batch: dict, *, parts: ModelParts, spec: Objective, rest=Non
     """``(loss, metrics)`` of one micro-batch: a function of the parameters (for ``jax.grad``)."""
     model = parts.merge(params, rest)
     lp = pair_logps(model, batch, shared_prompt=spec.shared_prompt, chunk_size=spec.chunk_size)
-    return weighted_objective(spec, lp, batch)
+    loss, metrics = weighted_objective(spec, lp, batch)
+    if spec.pair_outputs:
+        metrics = dict(metrics, pairs=pair_record(spec, lp, batch, pair_coeffs(spec, lp, batch)))
+    return loss, metrics
+
+
+# --- per-pair outputs and telemetry ---------------------------------------------------------------------
+
+PAIR_KEYS = ("logp_chosen", "logp_rejected", "ref_logp_chosen", "ref_logp_rejected", "margin_weight")
+TELEMETRY_KEYS = ("grad_sq_chosen", "grad_sq_rejected", "grad_dot", "grad_cos", "predicted_case")
+
+
+def pair_coeffs(spec: Objective, lp: dict, batch: dict) -> jax.Array:
+    """``c = ∂loss/∂(s_w, s_l)`` ``[B, 2]`` of the (micro-)batch loss: each pair's weight in the gradient
+    (``∇loss = Σ_b c_w g_w + c_l g_l``). Only the loss formula is differentiated, not the model."""
+    s = jax.lax.stop_gradient(jnp.stack([lp["chosen_logps"], lp["rejected_logps"]], axis=1))
+
+    def loss_of(s_B2):
+        return weighted_objective(spec, dict(lp, chosen_logps=s_B2[:, 0], rejected_logps=s_B2[:, 1]), batch)[0]
+
+    return jax.grad(loss_of)(s)
+
+
+def pair_record(spec: Objective, lp: dict, batch: dict, coeffs_B2: jax.Array) -> dict:
+    """The cheap per-pair arrays ``[B]`` of :data:`PAIR_KEYS` (stopped gradients).
+
+    ``margin_weight`` = ``B · (c_l − c_w) / 2``: the loss's weight on ``∇(s_w − s_l)`` for the pair in
+    per-pair units (for a loss of the margin alone, −∂ℓ/∂margin, e.g. βσ(−βΔ) for DPO); the reference
+    log-probs are NaN where the loss has none.
+    """
+    c = jax.lax.stop_gradient(lp["chosen_logps"])
+    nan = jnp.full_like(c, jnp.nan)
+    B = c.shape[0]
+    return {"logp_chosen": c, "logp_rejected": jax.lax.stop_gradient(lp["rejected_logps"]),
+            "ref_logp_chosen": batch.get("ref_chosen_logps", nan).astype(c.dtype),
+            "ref_logp_rejected": batch.get("ref_rejected_logps", nan).astype(c.dtype),
+            "margin_weight": B * (coeffs_B2[:, 1] - coeffs_B2[:, 0]) / 2}
+
+
+def _trained_leaves(params):
+    """``(names, leaves, treedef)`` of the trained parameters (dotted names as in ``entangle --params``)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return tuple(ent.leaf_name(p) for p, _ in flat), [v for _, v in flat], treedef
+
+
+def telemetry_grads(params, batch: dict, *, parts: ModelParts, spec: Objective, rest=None):
+    """``(grads, metrics, pairs)`` of one micro-batch: the gradient of its loss and, per pair, the
+    :data:`PAIR_KEYS` and :data:`TELEMETRY_KEYS` arrays, all from one forward and one backward pass
+    (:func:`jaxalign.analysis.entanglement_step.step_geometry`).
+
+    ``predicted_case`` indexes :data:`jaxalign.analysis.entanglement.CASES` (Yuan et al.'s sign pattern
+    of the first-order changes of s_w and s_l under a step on the pair alone)."""
+    if not spec.shared_prompt:
+        raise ConfigError("telemetry.pairs: needs data.shared_prompt: true (the pass runs each prompt once)")
+    names, leaves, treedef = _trained_leaves(params)
+    try:
+        selected = ent.select(names, spec.telemetry_params)
+    except ConfigError as err:
+        raise ConfigError(f"telemetry.params: {err}") from None
+    lengths = {f"{k}_lengths": jnp.sum(batch[f"{k}_mask"], axis=1).astype(jnp.int32)
+               for k in ("chosen", "rejected")}
+
+    def coeffs_fn(s_B2):
+        lp = dict(lengths, chosen_logps=s_B2[:, 0], rejected_logps=s_B2[:, 1])
+        _, metrics = weighted_objective(spec, lp, batch)
+        coeffs = pair_coeffs(spec, lp, batch)
+        return coeffs, (metrics, pair_record(spec, lp, batch, coeffs))
+
+    split = ent_step.StepSplit(lambda d, r: parts.merge(jax.tree.unflatten(treedef, d), r))
+    # `rest` of the trainer and the parts' own graph state both ride in the merge's `rest` argument
+    geo = ent_step.step_geometry(split, leaves, rest, batch, coeffs_fn, selected)
+    metrics, record = geo.aux
+    sq_w, sq_l, dot = geo.stats[:, 0], geo.stats[:, 1], geo.stats[:, 2]
+    _, _, case = ent.predict(sq_w, sq_l, dot, -geo.coeffs[:, 0], geo.coeffs[:, 1])
+    record = dict(record, grad_sq_chosen=sq_w, grad_sq_rejected=sq_l, grad_dot=dot,
+                  grad_cos=ent.cosine(sq_w, sq_l, dot), predicted_case=case)
+    return jax.tree.unflatten(treedef, geo.grads), metrics, record
 
 
 def _micro_batches(batch: dict, A: int) -> dict:
@@ -224,23 +333,29 @@ def train_step(state: TrainState, batch: dict, rest, ref_params, *, parts: Model
 
     def one(batch_):
         batch_ = _with_reference(parts, ref_params, batch_, spec, rest)
+        if spec.telemetry:
+            return telemetry_grads(state.params, batch_, parts=parts, spec=spec, rest=rest)
         (_, metrics), g = grad(state.params, batch_)
-        return g, metrics
+        return g, metrics, metrics.pop("pairs", None)
 
     if A == 1:
-        grads, metrics = one(batch)
+        grads, metrics, per_pair = one(batch)
     else:
         def body(carry, mb):
-            g, m = one(mb)
-            return jax.tree.map(jnp.add, carry, (g, m)), None
-        zeros = jax.eval_shape(one, jax.tree.map(lambda x: x[0], _micro_batches(batch, A)))
+            g, m, p = one(mb)
+            return jax.tree.map(jnp.add, carry, (g, m)), p
+        zeros = jax.eval_shape(lambda b: one(b)[:2], jax.tree.map(lambda x: x[0], _micro_batches(batch, A)))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        (grads, metrics), _ = jax.lax.scan(body, zeros, _micro_batches(batch, A))
+        (grads, metrics), per_pair = jax.lax.scan(body, zeros, _micro_batches(batch, A))
         grads = jax.tree.map(lambda g: g / A, grads)
         metrics = jax.tree.map(lambda m: m / A, metrics)
+        # [A, M] -> [B]: micro-batch a holds rows a, a + A, … (_micro_batches); per micro-batch values
+        per_pair = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1), per_pair)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+    if per_pair is not None:
+        metrics["pairs"] = per_pair
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
@@ -271,12 +386,13 @@ def logps_step(params, batch: dict, rest, *, parts: ModelParts, shared_prompt: b
 
 
 def probe_step(params, batch: dict, rest, *, parts: ModelParts, shared_prompt: bool = True,
-               chunk_size: int | None = 128) -> dict:
+               chunk_size: int | None = 128, adapters: bool = True) -> dict:
     """``logps_step`` plus, with the shared prompt, each pair's CHES and LN-CHES (Razin et al. Def. 2–3)
-    from the final hidden states of the same forward pass."""
+    from the final hidden states of the same forward pass (the reference pass's scores too)."""
     if not shared_prompt:
-        return logps_step(params, batch, rest, parts=parts, shared_prompt=shared_prompt, chunk_size=chunk_size)
-    out = pairs.pair_forward(parts.merge(params, rest), batch["prompt_ids"], batch["prompt_mask"],
+        return logps_step(params, batch, rest, parts=parts, shared_prompt=shared_prompt, chunk_size=chunk_size,
+                          adapters=adapters)
+    out = pairs.pair_forward(policy(parts, params, rest, adapters=adapters), batch["prompt_ids"], batch["prompt_mask"],
                              batch["chosen_ids"], batch["chosen_mask"], batch["rejected_ids"],
                              batch["rejected_mask"], hidden_sums=True, chunk_size=chunk_size)
     scores = ches.scores_from_sums(out)
@@ -363,13 +479,13 @@ def jit_train_step(*, parts: ModelParts, spec: Objective, optimizer, schedule, s
         fn = jax.jit(_train_step, static_argnums=0, donate_argnames="state",
                      in_shardings=(state_shardings, batch_shardings, rest_shardings, ref_shardings),
                      out_shardings=(state_shardings, replicated))
-    return functools.partial(fn, static)
+    return parallel.in_mesh(functools.partial(fn, static), mesh)  # the model's activation constraints
 
 
 def _pair_scores(static: Static, params, batch, rest):
     _, shared_prompt, with_ches, adapters = static.key
     if with_ches:
-        return probe_step(params, batch, rest, parts=static.value, shared_prompt=shared_prompt)
+        return probe_step(params, batch, rest, parts=static.value, shared_prompt=shared_prompt, adapters=adapters)
     return logps_step(params, batch, rest, parts=static.value, shared_prompt=shared_prompt, adapters=adapters)
 
 

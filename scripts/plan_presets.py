@@ -1,0 +1,208 @@
+"""`jaxalign plan` over rows of (model preset × job × topology); raw results and the table of docs/scale.md.
+
+    JAX_PLATFORMS=cpu python scripts/plan_presets.py                 # every row not in the raw file yet
+    JAX_PLATFORMS=cpu python scripts/plan_presets.py --rows 8b-dpo-v5p-8 1b-dpo-v5e-4
+    python scripts/plan_presets.py --table-only                      # rewrite the table from the raw file
+
+Each row is planned by a separate ``jaxalign plan`` process (a compile that runs out of host memory
+loses that row only) and appended as one JSON line to ``docs/plan/presets.jsonl``: the row, the plan
+(or the failure), the compile and wall seconds, the host's CPU, memory and load, and the jax, jaxlib and
+libtpu versions. Rows already in the file are skipped (resume); ``--retry-failed`` plans failed rows
+again. The rows are ordered most useful first, because a full grid (10 presets × 3 jobs × 10 topologies)
+takes days on a small host: the 8B and 70B compiles take minutes to hours each.
+
+The table between the ``presets-table`` markers of ``docs/scale.md`` is rewritten from the raw file (the
+last line of each row wins). Every number in it is an estimate of `jaxalign plan` (docs/plan.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import bench_record
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = ROOT / "docs" / "plan" / "presets.jsonl"
+DOC = ROOT / "docs" / "scale.md"
+BEGIN, END = "<!-- presets-table: begin (scripts/plan_presets.py) -->", "<!-- presets-table: end -->"
+BF16 = ["model.dtype=bfloat16"]  # float32 parameters and AdamW state, bfloat16 compute
+LORA = ["lora.target=[q,k,v]", "lora.r=64", "lora.alpha=128", "loss.reference=adapter_off"]
+
+
+def _row(id_: str, model: str, job: str, topology: str, overrides=(), *, pairs: int = 8, prompt: int = 512,
+         response: int = 512, method: str | None = None, search: int = 0) -> dict:
+    return dict(id=id_, model=model, job=job, topology=topology, overrides=list(BF16) + list(overrides),
+                pairs=pairs, prompt_len=prompt, response_len=response, method=method, search=search)
+
+
+# Most useful first: issue #15's targets (8B DPO on v5p-8 and v5e-16), the LoRA run, the 1B/3B sizes
+# (minutes each), 8B CHES and entanglement (jvp), then larger slices.
+ROWS = [
+    _row("8b-dpo-v5p-8", "Llama-3.1-8B", "train", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"]),
+    _row("8b-dpo-lora-v5p-8", "Llama-3.1-8B", "train", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"] + LORA),
+    _row("1b-dpo-v5e-4", "Llama-3.2-1B", "train", "v5e:2x2",
+         ["mesh.data=1", "mesh.fsdp=4", "train.grad_accum=2"]),
+    _row("8b-dpo-v5e-16", "Llama-3.1-8B", "train", "v5e:4x4", ["mesh.data=1", "mesh.fsdp=16", "model.remat=full"],
+         pairs=16),
+    _row("8b-dpo-v5e-16-bf16", "Llama-3.1-8B", "train", "v5e:4x4",
+         ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "model.param_dtype=bfloat16"], pairs=16),
+    _row("3b-dpo-v5p-8", "Llama-3.2-3B", "train", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"]),
+    _row("8b-ches-v5p-8", "Llama-3.1-8B", "ches", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"]),
+    _row("8b-entangle-jvp-v5p-8", "Llama-3.1-8B", "entangle", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"],
+         method="jvp"),
+    _row("8b-dpo-v5p-16-b32", "Llama-3.1-8B", "train", "v5p:2x2x2",
+         ["mesh.data=1", "mesh.fsdp=8", "model.remat=dots_with_no_batch_dims_saveable"], pairs=32),
+    _row("1b-dpo-v5e-16", "Llama-3.2-1B", "train", "v5e:4x4", ["mesh.data=4", "mesh.fsdp=4"], pairs=16),
+    _row("3b-dpo-v5e-16", "Llama-3.2-3B", "train", "v5e:4x4", ["mesh.data=1", "mesh.fsdp=16"], pairs=16),
+    _row("1b-dpo-v6e-16", "Llama-3.2-1B", "train", "v6e:4x4", ["mesh.data=4", "mesh.fsdp=4"], pairs=16),
+    _row("70b-dpo-v5p-128", "Llama-3.1-70B", "train", "v5p:4x4x4",
+         ["mesh.data=1", "mesh.fsdp=64", "model.remat=full"], pairs=64),
+]
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("jax", "jaxlib", "libtpu", "flax"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def host() -> dict:
+    mem = {k: v for k, v in (line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()[:3])}
+    return {"cpu": bench_record.cpu_name(), "cpus": os.cpu_count(), "mem_total": mem.get("MemTotal", "").strip(),
+            "load": list(os.getloadavg())}
+
+
+def command(row: dict, out: Path) -> list[str]:
+    cmd = [sys.executable, "-c", "import sys; from jaxalign.cli import main; sys.exit(main())", "plan",
+           row["model"], *row["overrides"], "--job", row["job"], "--topology", row["topology"],
+           "--pairs", str(row["pairs"]), "--prompt-len", str(row["prompt_len"]),
+           "--response-len", str(row["response_len"]), "--out", str(out)]
+    if row["method"]:
+        cmd += ["--method", row["method"]]
+    if row["search"]:
+        cmd += ["--search", "--max-compiles", str(row["search"])]
+    return cmd
+
+
+def run_row(row: dict, timeout: float) -> dict:
+    """Plans one row in a child process; returns the raw line (``status`` ok, failed or timeout)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    entry = {"row": row, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host_before": host(),
+             "versions": versions()}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        t0 = time.time()
+        try:
+            proc = subprocess.run(command(row, out), env=env, capture_output=True, text=True, timeout=timeout)
+            entry.update(returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-1500:])
+        except subprocess.TimeoutExpired:
+            entry.update(returncode=None, tail=f"timed out after {timeout:.0f} s")
+        entry["wall_s"] = round(time.time() - t0, 1)
+        entry["host_after"] = host()
+        if out.exists():
+            entry.update(status="ok", plan=json.loads(out.read_text()))
+        else:
+            entry["status"] = "timeout" if entry["returncode"] is None else "failed"
+    return entry
+
+
+def read_raw(path: Path) -> dict[str, dict]:
+    """The last line of each row id in the raw file."""
+    found = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                e = json.loads(line)
+                found[e["row"]["id"]] = e
+    return found
+
+
+def _cell_config(p: dict) -> str:
+    o = p["options"]
+    mesh = "×".join(str(p["mesh"][k]) for k in ("data", "fsdp", "tensor"))
+    extra = f", LoRA r={o['lora_r']}" if o.get("lora_r") else ""
+    extra += f", {o['param_dtype']} params" if o.get("param_dtype") != "float32" else ""
+    return (f"mesh {mesh}, remat {o['remat'] or 'none'}, grad_accum {o.get('grad_accum', 1)}, "
+            f"{p['shapes']['pairs']} pairs{extra}")
+
+
+def table(entries: dict[str, dict]) -> str:
+    head = ("| row | model | job | topology (chips) | configuration | fits | GB per chip (of HBM) | step "
+            "(estimate: overlap – serial) | MFU (estimate) | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for row in ROWS:
+        e = entries.get(row["id"])
+        job = row["job"] + (f" {row['method']}" if row["method"] else "")
+        if e is None:
+            lines.append(f"| {row['id']} | {row['model']} | {job} | {row['topology']} | "
+                         f"{' '.join(row['overrides'])}, {row['pairs']} pairs | not compiled | | | | |")
+            continue
+        if e["status"] != "ok":
+            rc = e.get("returncode")
+            why = (f"killed by signal {-rc} (host out of memory, most likely)" if rc is not None and rc < 0 else
+                   e["tail"].strip().splitlines()[-1][:120].replace("|", "/") if e.get("tail") else e["status"])
+            lines.append(f"| {row['id']} | {row['model']} | {job} | {row['topology']} | "
+                         f"{' '.join(row['overrides'])} | {e['status']}: {why} | | | | {e['wall_s']} (wall) |")
+            continue
+        p = e["plan"]
+        m, r = p["memory"], p.get("roofline") or {}
+        fits = "yes" if m.get("fits") else ("no (compiler: out of HBM)" if "compiler_error" in m else "no")
+        step = (f"{r['step_s'] * 1e3:.0f} – {r['step_s_no_overlap'] * 1e3:.0f} ms" if r else "")
+        mfu = f"{100 * r['mfu_no_overlap']:.0f} – {100 * r['mfu']:.0f}%" if r else ""
+        lines.append(f"| {row['id']} | {p['model']} | {job} | {p['target']} ({p['chips']}) | {_cell_config(p)} | "
+                     f"{fits} | {m['total_bytes'] / 1e9:.1f} ({m['hbm_bytes'] / 1e9:.0f}) | {step} | {mfu} | "
+                     f"{p['compile_s']} |")
+    return "\n".join(lines)
+
+
+def write_table(entries: dict[str, dict], doc: Path) -> None:
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: the markers {BEGIN!r} and {END!r} are missing")
+    before, rest = text.split(BEGIN, 1)
+    after = rest.split(END, 1)[1]
+    doc.write_text(before + BEGIN + "\n" + table(entries) + "\n" + END + after)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="*", help="row ids to plan (default: all, in order)")
+    ap.add_argument("--raw", type=Path, default=RAW)
+    ap.add_argument("--doc", type=Path, default=DOC)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per row")
+    ap.add_argument("--retry-failed", action="store_true")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    known = {r["id"]: r for r in ROWS}
+    unknown = [r for r in args.rows or () if r not in known]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(known)}")
+    if not args.table_only:
+        for row in (known[r] for r in args.rows) if args.rows else ROWS:
+            done = read_raw(args.raw).get(row["id"])
+            if done and (done["status"] == "ok" or not args.retry_failed):
+                continue
+            print(f"{time.strftime('%H:%M:%S')} planning {row['id']}", flush=True)
+            entry = run_row(row, args.timeout)
+            args.raw.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.raw, "a") as f:
+                f.write(json.dumps(entry, default=str) + "\n")
+            print(f"  {entry['status']} in {entry['wall_s']} s", flush=True)
+            write_table(read_raw(args.raw), args.doc)
+    write_table(read_raw(args.raw), args.doc)
+
+
+if __name__ == "__main__":
+    main()
