@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import _default_model, forward_flops, run_matmul  # noqa: E402
+import bench_record  # noqa: E402
 from bench_record import cpu_name as _cpu_name  # noqa: E402
 
 
@@ -223,10 +224,11 @@ def main(argv=None) -> None:
                      f"{summary['jaxalign-telemetry']['median_s'] / summary['jaxalign']['median_s']:.2f}x per step")
     print("\n".join(lines))
     if args.record:
-        with open(args.record, "a") as f:
-            f.write(json.dumps(dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), load_before=load_before[0],
-                                    load_after=load_after[0], batch=B, prompt=P, response=R,
-                                    matmul_gflops=peak / 1e9, results=summary)) + "\n")
+        settings = dict(batch=B, prompt=P, response=R, iters=args.iters, warmup=args.warmup,
+                        threads=args.threads, sides=args.sides)
+        bench_record.append(args.record, "bench_train.py", settings,
+                            dict(matmul_gflops=peak / 1e9, sides=summary),
+                            load_before=load_before, load_after=load_after)
 
 
 if __name__ == "__main__":

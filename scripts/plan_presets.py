@@ -54,6 +54,8 @@ ROWS = [
          pairs=16),
     _row("8b-dpo-v5e-16-bf16", "Llama-3.1-8B", "train", "v5e:4x4",
          ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "model.param_dtype=bfloat16"], pairs=16),
+    _row("8b-dpo-v5e-16-tp2", "Llama-3.1-8B", "train", "v5e:4x4",
+         ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=2", "model.remat=full"], pairs=8),
     _row("3b-dpo-v5p-8", "Llama-3.2-3B", "train", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"]),
     _row("8b-ches-v5p-8", "Llama-3.1-8B", "ches", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"]),
     _row("8b-entangle-jvp-v5p-8", "Llama-3.1-8B", "entangle", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"],

@@ -147,6 +147,14 @@ def write_tiny_gguf(hf_model, path: Path, quant: str = "F32", tokenizer: bool = 
         w.add_vocab_size(cfg.vocab_size)
     if tokenizer:
         _add_tiny_tokenizer(w, cfg.vocab_size)
+    return write_tensors(w, tensors, quant, path)
+
+
+def write_tensors(w, tensors: dict[str, np.ndarray], quant: str, path: Path) -> Path:
+    """Adds ``tensors`` to the ``gguf.GGUFWriter`` ``w`` (vectors as float32, matrices as ``quant``: F32,
+    F16 or Q8_0) and writes the file ``path``."""
+    import gguf
+
     for name, t in tensors.items():
         if t.ndim == 1 or quant == "F32":
             w.add_tensor(name, t.astype(np.float32))

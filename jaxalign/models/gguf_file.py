@@ -23,6 +23,15 @@ every sixth layer global, the others sliding; a RoPE base of 10 000 on sliding l
 dim (``hidden / heads`` for the 62-layer 27B). Phi-3's fused ``attn_qkv`` and ``ffn_up`` (gate and up)
 keep HF's row order; a Phi-3 GGUF with LongRoPE factors (``rope_factors_long.weight``) is refused.
 
+Mixture-of-experts files: llama.cpp writes Mixtral as architecture ``llama`` with a positive
+``llama.expert_count`` (read here as ``mixtral``), Qwen3-MoE as ``qwen3moe``. Each block holds the router
+(``ffn_gate_inp``, HF's ``[E, D]``) and the experts stacked along the first axis (``ffn_gate_exps``,
+``ffn_up_exps``: ``[E, F, D]``; ``ffn_down_exps``: ``[E, D, F]``, i.e. HF's per-expert ``[out, in]``
+weights stacked): each is read back as one HF tensor per expert, slicing expert ``e`` before
+dequantising. llama.cpp's ``qwen3moe`` has experts in every layer, renormalises the top-k probabilities
+(``norm_topk_prob``) and has no sliding window; the expert width is ``expert_feed_forward_length``
+(``feed_forward_length / expert_used_count`` when absent, as llama.cpp falls back).
+
 Supported ``general.architecture`` values: see :data:`SUPPORTED_ARCHITECTURES`.
 """
 
@@ -38,12 +47,13 @@ import numpy as np
 from jaxalign.errors import ModelError
 from jaxalign.models.hf_folder import LazyTensor
 
-# GGUF architecture -> HF model_type.
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text",
-                           "phi3": "phi3", "gpt2": "gpt2"}
+# GGUF architecture -> HF model_type (``llama`` with experts is ``mixtral``: :func:`model_type`).
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+                           "gemma3": "gemma3_text", "phi3": "phi3", "gpt2": "gpt2"}
 
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-             "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+             "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 _GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10000.0  # hard-coded in llama.cpp, not in the metadata
 
 
@@ -81,18 +91,23 @@ class GGUFFile:
             raise ModelError(f"{self.path}: GGUF metadata key {full!r} is missing")
         return default
 
-    def dequantized(self, name: str) -> np.ndarray:
-        """Tensor ``name`` in GGUF layout (row-major, llama.cpp names); quantised types as float32."""
+    def dequantized(self, name: str, index: int | None = None) -> np.ndarray:
+        """Tensor ``name`` in GGUF layout (row-major, llama.cpp names), or its slice ``[index]`` along the
+        first axis (one expert of a stacked ``[E, …]`` tensor; only that slice is dequantised); quantised
+        types as float32."""
         import gguf
 
         t = self.tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))
+        data = t.data  # quantised: [..., bytes per row], blocks never cross a row
+        if index is not None:
+            shape, data = shape[1:], data[index]
         kind = gguf.GGMLQuantizationType(int(t.tensor_type))
         if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            value = np.asarray(t.data)
+            value = np.asarray(data)
         else:
             try:
-                value = gguf.quants.dequantize(t.data, kind)
+                value = gguf.quants.dequantize(data, kind)
             except NotImplementedError:
                 raise ModelError(f"{self.path}: tensor {name!r} has quantisation {kind.name}, which the "
                                  "gguf package cannot dequantise") from None
@@ -118,12 +133,20 @@ def _f32(x) -> float:
     return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
 
 
-def hf_config(g: GGUFFile) -> dict[str, Any]:
-    """The HF ``config.json`` dict this GGUF describes."""
+def model_type(g: GGUFFile) -> str:
+    """The HF ``model_type`` of ``g``: its architecture's, ``mixtral`` for ``llama`` with experts."""
     arch = g.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"{g.path}: GGUF architecture {arch!r} is not supported; supported: "
                          f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+    if arch == "llama" and int(g.get("expert_count", 0) or 0) > 0:
+        return "mixtral"
+    return SUPPORTED_ARCHITECTURES[arch]
+
+
+def hf_config(g: GGUFFile) -> dict[str, Any]:
+    """The HF ``config.json`` dict this GGUF describes."""
+    arch, family = g.architecture, model_type(g)
     tokens = g.metadata.get("tokenizer.ggml.tokens")
     embd = g.tensors.get("token_embd.weight")
     vocab = g.get("vocab_size", None)
@@ -134,8 +157,8 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     tied = "output.weight" not in g.tensors or (
         "token_embd.weight" in g.tensors and g.same_data("output.weight", "token_embd.weight"))
     common = {
-        "model_type": SUPPORTED_ARCHITECTURES[arch],
-        "architectures": [_HF_CLASS[arch]],
+        "model_type": family,
+        "architectures": [_HF_CLASS[family]],
         "vocab_size": int(vocab),
         "tie_word_embeddings": bool(tied),
         "bos_token_id": g.get("tokenizer.ggml.bos_token_id", None, arch=False),
@@ -178,8 +201,10 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
         "rope_theta": theta,
         "rope_parameters": rope,
     }
-    if arch == "llama":
+    if family == "llama":
         config |= {"attention_bias": "blk.0.attn_q.bias" in g.tensors, "mlp_bias": False}
+    if family in ("mixtral", "qwen3_moe"):
+        config |= _moe_config(g, family, config)
     if arch == "gemma3":
         del config["hidden_act"]  # Gemma 3 reads hidden_activation
         config |= _gemma3_config(g, config)
@@ -191,6 +216,17 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
         config |= {"partial_rotary_factor": rope_dim / head_dim, "sliding_window": int(window) if window else None,
                    "original_max_position_embeddings": config["max_position_embeddings"]}
     return config
+
+
+def _moe_config(g: GGUFFile, family: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The expert keys of a ``mixtral`` (``llama`` with experts) or ``qwen3moe`` GGUF."""
+    experts, used = int(g.get("expert_count")), int(g.get("expert_used_count"))
+    if family == "mixtral":
+        return {"num_local_experts": experts, "num_experts_per_tok": used, "sliding_window": None}
+    width = g.get("expert_feed_forward_length", None)
+    return {"num_experts": experts, "num_experts_per_tok": used, "norm_topk_prob": True,
+            "moe_intermediate_size": int(width) if width else config["intermediate_size"] // used,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
 
 
 def _gemma3_config(g: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
@@ -275,8 +311,22 @@ _GPT2_RULES: list[_Rule] = [
     (r"blk\.(\d+)\.ffn_down\.bias", "transformer.h.{0}.mlp.c_proj.bias", ""),
 ]
 
+_EXPERTS = "experts"  # a stacked [E, …] tensor read as one HF tensor per expert ({e} in the template)
+
+
+def _moe_rules(block: str, gate: str, up: str, down: str) -> list[_Rule]:
+    L = "model.layers.{0}." + block
+    return [(r"blk\.(\d+)\.ffn_gate_inp\.weight", L + "gate.weight", ""),
+            (r"blk\.(\d+)\.ffn_gate_exps\.weight", L + "experts.{e}." + gate + ".weight", _EXPERTS),
+            (r"blk\.(\d+)\.ffn_up_exps\.weight", L + "experts.{e}." + up + ".weight", _EXPERTS),
+            (r"blk\.(\d+)\.ffn_down_exps\.weight", L + "experts.{e}." + down + ".weight", _EXPERTS)]
+
+
+# HF model_type -> rules
 _RULES = {"llama": _LLAMA_RULES, "qwen2": _LLAMA_RULES, "qwen3": _LLAMA_RULES + _QK_NORM_RULES,
-          "gemma3": _GEMMA3_RULES, "phi3": _PHI3_RULES, "gpt2": _GPT2_RULES}
+          "mixtral": _LLAMA_RULES + _moe_rules("block_sparse_moe.", "w1", "w3", "w2"),
+          "qwen3_moe": _LLAMA_RULES + _QK_NORM_RULES + _moe_rules("mlp.", "gate_proj", "up_proj", "down_proj"),
+          "gemma3_text": _GEMMA3_RULES, "phi3": _PHI3_RULES, "gpt2": _GPT2_RULES}
 
 
 def _transform(kind: str, arch: str, config: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -293,7 +343,7 @@ def _transform(kind: str, arch: str, config: dict[str, Any]) -> Callable[[np.nda
 def hf_tensors(g: GGUFFile, config: dict[str, Any]) -> dict[str, LazyTensor]:
     """HF name -> lazily dequantised tensor in HF layout. Unknown GGUF tensor names raise ``ModelError``."""
     arch = g.architecture
-    rules = [(re.compile(p), t, k) for p, t, k in _RULES[arch]]
+    rules = [(re.compile(p), t, k) for p, t, k in _RULES[config["model_type"]]]
     out: dict[str, LazyTensor] = {}
     unknown = []
     for name, t in g.tensors.items():
@@ -304,23 +354,29 @@ def hf_tensors(g: GGUFFile, config: dict[str, Any]) -> dict[str, LazyTensor]:
         else:
             unknown.append(name)
             continue
-        hf_name = template.format(*m.groups())
-        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+        if template == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # a copy of the embedding (llama.cpp writes one for some architectures)
         shape = tuple(int(d) for d in reversed(t.shape))
         fn = _transform(kind, arch, config)
         if kind == "transpose":
             shape = shape[::-1]
-
-        def read(name=name, fn=fn):
-            w = g.dequantized(name)
-            return fn(w) if fn is not None else w
-
-        out[hf_name] = LazyTensor(hf_name, shape, g.numpy_dtype(name), read=read, source=f"{g.path}:{name}")
+        for e in range(shape[0]) if kind == _EXPERTS else (None,):
+            hf_name = template.format(*m.groups(), e=e)
+            out[hf_name] = LazyTensor(hf_name, shape if e is None else shape[1:], g.numpy_dtype(name),
+                                      read=_reader(g, name, fn, e), source=f"{g.path}:{name}")
     if unknown:
         raise ModelError(f"{g.path}: GGUF tensor(s) with no Hugging Face name for architecture {arch!r}: "
                          f"{', '.join(unknown[:10])}{' …' if len(unknown) > 10 else ''}")
     return out
+
+
+def _reader(g: GGUFFile, name: str, fn, index: int | None) -> Callable[[], np.ndarray]:
+    """Reads tensor ``name`` (its slice ``[index]`` when given) and applies ``fn``."""
+    def read():
+        w = g.dequantized(name, index)
+        return fn(w) if fn is not None else w
+
+    return read
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, LazyTensor], GGUFFile]:
