@@ -177,6 +177,11 @@ def test_alarm_on_constructed_pairs_and_streak():
     c, r = np.array([-11.0, -9.0, -12.0, -9.0, -5.0]), np.array([-30.0, -25.0, -10.0, -25.0, -6.0])
     rc, rr = np.array([-10.0, -10.0, -10.0, -10.0, np.nan]), np.full(5, -20.0)
     np.testing.assert_array_equal(telemetry.alarm(c, r, rc, rr), [True, False, False, False, False])
+    # Before any update the policy equals the reference up to float32 rounding between two programs:
+    # a fall and a rise of 1e-5 nats (below NOISE_NATS) are noise, not displacement; 1e-2 nats is not.
+    for delta, expected in ((1e-5, False), (1e-2, True)):
+        got = telemetry.alarm([-10.0 - delta], [-20.0 - 2 * delta], [-10.0], [-20.0])
+        np.testing.assert_array_equal(got, [expected])
     case = np.array([0, 0, 0, ent.CASES.index("both_down"), 0])
     np.testing.assert_array_equal(telemetry.alarm(c, r, rc, rr, case), [True, False, False, True, False])
     got = telemetry.summarize({"logp_chosen": c, "predicted_case": case, "grad_cos": np.arange(5.0)},

@@ -49,20 +49,27 @@ class DisplacementStop(JaxAlignError):
 
 # --- the alarm (pure) ------------------------------------------------------------------------------------
 
+#: Changes of a summed log-prob smaller than this (nats) are not counted as a fall or a rise: the policy's
+#: log-probs and the cached reference's come from different XLA programs, whose float32 sums over a
+#: response differ in the last bits (~R·2⁻²⁴·|s| ≈ 1e-5 nats for R = 100, |s| = 100), so before any
+#: update the two can differ by noise, which must not raise the alarm.
+NOISE_NATS = 1e-3
+
+
 def alarm(logp_chosen, logp_rejected, ref_logp_chosen, ref_logp_rejected, predicted_case=None) -> np.ndarray:
     """Per pair ``[B]`` bool: the margin rose while log π(y+) fell, both against the reference, or
     (with ``predicted_case``) the predicted case is not ``ideal``.
 
-    ``(s_w − s_w^ref) < 0`` and ``(s_w − s_l) − (s_w^ref − s_l^ref) > 0``; NaN reference log-probs (a
-    reference-free loss) never raise the first condition.
+    ``(s_w − s_w^ref) < −NOISE_NATS`` and ``(s_w − s_l) − (s_w^ref − s_l^ref) > NOISE_NATS``; NaN reference
+    log-probs (a reference-free loss) never raise the first condition.
 
-    >>> alarm([-11.0, -9.0], [-30.0, -30.0], [-10.0, -10.0], [-20.0, -20.0]).tolist()
-    [True, False]
+    >>> alarm([-11.0, -9.0, -10.0 - 1e-5], [-30.0, -30.0, -20.0 - 1e-5], [-10.0] * 3, [-20.0] * 3).tolist()
+    [True, False, False]
     """
     c, r = np.asarray(logp_chosen, np.float64), np.asarray(logp_rejected, np.float64)
     rc, rr = np.asarray(ref_logp_chosen, np.float64), np.asarray(ref_logp_rejected, np.float64)
     with np.errstate(invalid="ignore"):
-        flags = ((c - rc) < 0) & (((c - r) - (rc - rr)) > 0)
+        flags = ((c - rc) < -NOISE_NATS) & (((c - r) - (rc - rr)) > NOISE_NATS)
     if predicted_case is not None:
         flags = flags | (np.asarray(predicted_case) != CASES.index("ideal"))
     return flags
