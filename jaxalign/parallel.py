@@ -11,6 +11,8 @@ Mesh axes: ``data`` (pairs), ``fsdp`` (parameters sharded, batch too), ``tensor`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Mapping, Sequence
@@ -115,13 +117,32 @@ ACT_BTF = ("batch", None, "mlp")
 ACT_BTV = ("batch", None, "vocab")
 
 
+# Whether :func:`constrain` places the activations (``mesh.constrain_activations`` of a run). Off, XLA's
+# partitioner chooses their layout itself: at a small per-chip batch on a memory-bound chip that can move
+# fewer bytes (docs/scale.md, Llama-3.2-1B on v5e:2x2).
+_CONSTRAIN_ACTIVATIONS = contextvars.ContextVar("constrain_activations", default=True)
+
+
+@contextlib.contextmanager
+def activation_constraints(enabled: bool = True):
+    """Within the block, functions traced have their :func:`constrain` calls on (default) or off."""
+    token = _CONSTRAIN_ACTIVATIONS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CONSTRAIN_ACTIVATIONS.reset(token)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:
     """``with_sharding_constraint`` of ``x`` by logical axes (:data:`RULES`).
 
     ``mesh``: the mesh; ``None`` takes the one set by ``jax.set_mesh`` around the trace. Identity when
-    there is none or it has one device, so model code can call it unconditionally. Axes that do not
-    divide stay replicated (e.g. a batch of 1 in decoding).
+    there is none or it has one device, so model code can call it unconditionally, and inside
+    ``activation_constraints(False)``. Axes that do not divide stay replicated (e.g. a batch of 1 in
+    decoding).
     """
+    if not _CONSTRAIN_ACTIVATIONS.get():
+        return x
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
@@ -133,15 +154,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
     return jax.lax.with_sharding_constraint(x, target)
 
 
-def in_mesh(fn, mesh: Mesh | None):
+def in_mesh(fn, mesh: Mesh | None, *, constrain_activations: bool = True):
     """``fn`` called under ``jax.set_mesh(mesh)`` (``fn`` itself without a mesh): a jitted function traced
-    there sees the mesh, so the model's :func:`constrain` calls take effect."""
+    there sees the mesh, so the model's :func:`constrain` calls take effect (unless
+    ``constrain_activations`` is false). A jitted ``fn`` must key its trace on that flag itself: JAX's
+    trace cache does not see it."""
     if mesh is None:
         return fn
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), activation_constraints(constrain_activations):
             return fn(*args, **kwargs)
 
     return call

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One short accelerator check for a GPU machine (H100/H200) with no network and minutes to spare.
 #
-#   bash scripts/device_check.sh            # GPU: < 8 minutes, prints a table at the end
-#   bash scripts/device_check.sh --cpu      # the same stages on CPU with tiny sizes (< 2 minutes)
+#   bash scripts/device_check.sh            # GPU: < 9 minutes, prints a table at the end
+#   bash scripts/device_check.sh --cpu      # the same stages on CPU with tiny sizes (< 2.5 minutes)
 #
 # Stages, each under its own `timeout` (shrunk to fit the overall budget; a stage that would start with
 # too little time left is skipped and says so):
@@ -12,7 +12,9 @@
 #      model parity tests (tests/test_models_parity.py -x);
 #   3. benchmarks, jaxalign then PyTorch, on a ~1B Llama-shaped and a SmolLM2-135M-shaped random model in
 #      bfloat16: forward, DPO train step, CHES, entanglement (scripts/device_bench.py);
-#   4. the table (also written to $OUT/device_check/table.txt when $OUT is set).
+#   4. `jaxalign plan` of the 1B benchmark's train step on this device (scripts/plan_device.py): the
+#      predicted step time (roofline, an estimate) beside the one measured in stage 3;
+#   5. the table (also written to $OUT/device_check/table.txt when $OUT is set), the plan line below it.
 # Partial results still print: every finished task appends a JSON line to results.jsonl.
 #
 # Nothing is installed from the network. Python wheels the machine lacks (e.g. gguf) can travel in .whl/
@@ -23,7 +25,7 @@
 # folder on PYTHONPATH. jaxalign itself runs from the checkout (PYTHONPATH=.), never installed.
 #
 # Environment: PYTHON (default python3, or .venv/bin/python when present), DEVICE_CHECK_BUDGET (seconds,
-# default 470 GPU / 115 CPU), OUT (where results, log and table go; default /tmp/device_check).
+# default 545 GPU / 145 CPU), OUT (where results, log and table go; default /tmp/device_check).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -31,7 +33,7 @@ CPU=0
 for arg in "$@"; do
   case "$arg" in
     --cpu) CPU=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --cpu or --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,20 +65,20 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxalign_jax_
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
 
 if [ "$CPU" = 1 ]; then
-  BUDGET=${DEVICE_CHECK_BUDGET:-115}
+  BUDGET=${DEVICE_CHECK_BUDGET:-145}
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"  # tiny models: compile time rules
   PLATFORM=cpu; FLAG=--cpu
   S=${DEVICE_CHECK_STAGE_SCALE:-1}  # stage limits x S, for a loaded machine (tests use 6)
   T_MATMUL=$((20*S)); T_TESTS=$((30*S)); T_JAX_1B=$((30*S)); T_TORCH_1B=$((15*S)); T_JAX_S=$((30*S))
-  T_TORCH_S=$((15*S)); TASK_T=$((20*S))
+  T_TORCH_S=$((15*S)); TASK_T=$((20*S)); T_PLAN=$((30*S))
   TESTS=(tests/test_models_parity.py -x -q -p no:cacheprovider -k "test_forward_matches_transformers and gpt2-untied and left")
 else
-  BUDGET=${DEVICE_CHECK_BUDGET:-470}
+  BUDGET=${DEVICE_CHECK_BUDGET:-545}
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.85}
   PLATFORM=gpu; FLAG=
-  T_MATMUL=50; T_TESTS=100; T_JAX_1B=120; T_TORCH_1B=45; T_JAX_S=90; T_TORCH_S=35; TASK_T=50
+  T_MATMUL=50; T_TESTS=100; T_JAX_1B=120; T_TORCH_1B=45; T_JAX_S=90; T_TORCH_S=35; TASK_T=50; T_PLAN=75
   # fp32 parity tolerances (1e-4) need full-precision fp32 matmuls (no TF32) on the GPU.
   TESTS=(tests/test_accelerator_path.py tests/test_models_parity.py -x -q -p no:cacheprovider --skip-slow
          -k "gpu or not test_accelerator_path")
@@ -122,6 +124,8 @@ for model in 1b 135m; do
   stage "torch-$model" "$tt" $PY scripts/device_bench.py torch --model $model $FLAG --out "$RESULTS" \
     --task-timeout "$TASK_T"
 done
+stage plan-1b "$T_PLAN" $PY scripts/plan_device.py --model 1b $FLAG --results "$RESULTS" \
+  --out "$DIR/plan_1b_train.json"
 
 echo
 echo "=== log tail"
@@ -129,3 +133,4 @@ tail -n 25 "$LOG"
 echo
 echo "=== device_check table ($PLATFORM, ${SECONDS}s)"
 $PY scripts/device_bench.py table "$RESULTS" | tee "$DIR/table.txt"
+grep -h "^plan vs measured" "$LOG" | tee -a "$DIR/table.txt"

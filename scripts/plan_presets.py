@@ -8,8 +8,10 @@ Each row is planned by a separate ``jaxalign plan`` process (a compile that runs
 loses that row only) and appended as one JSON line to ``docs/plan/presets.jsonl``: the row, the plan
 (or the failure), the compile and wall seconds, the host's CPU, memory and load, and the jax, jaxlib and
 libtpu versions. Rows already in the file are skipped (resume); ``--retry-failed`` plans failed rows
-again. The rows are ordered most useful first, because a full grid (10 presets × 3 jobs × 10 topologies)
-takes days on a small host: the 8B and 70B compiles take minutes to hours each.
+again and ``--force --rows ID…`` plans those rows again after a code change (the earlier lines stay in
+the file as the "before"; the last line wins). The rows are ordered most useful first, because a full
+grid (10 presets × 3 jobs × 10 topologies) takes days on a small host: the 8B and 70B compiles take
+minutes to hours each.
 
 The table between the ``presets-table`` markers of ``docs/scale.md`` is rewritten from the raw file (the
 last line of each row wins). Every number in it is an estimate of `jaxalign plan` (docs/plan.md).
@@ -50,6 +52,8 @@ ROWS = [
     _row("8b-dpo-lora-v5p-8", "Llama-3.1-8B", "train", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"] + LORA),
     _row("1b-dpo-v5e-4", "Llama-3.2-1B", "train", "v5e:2x2",
          ["mesh.data=1", "mesh.fsdp=4", "train.grad_accum=2"]),
+    _row("1b-dpo-v5e-4-free", "Llama-3.2-1B", "train", "v5e:2x2",
+         ["mesh.data=1", "mesh.fsdp=4", "train.grad_accum=2", "mesh.constrain_activations=false"]),
     _row("8b-dpo-v5e-16", "Llama-3.1-8B", "train", "v5e:4x4", ["mesh.data=1", "mesh.fsdp=16", "model.remat=full"],
          pairs=16),
     _row("8b-dpo-v5e-16-bf16", "Llama-3.1-8B", "train", "v5e:4x4",
@@ -136,6 +140,7 @@ def _cell_config(p: dict) -> str:
     mesh = "×".join(str(p["mesh"][k]) for k in ("data", "fsdp", "tensor"))
     extra = f", LoRA r={o['lora_r']}" if o.get("lora_r") else ""
     extra += f", {o['param_dtype']} params" if o.get("param_dtype") != "float32" else ""
+    extra += ", activations unconstrained" if o.get("constrain_activations") is False else ""
     return (f"mesh {mesh}, remat {o['remat'] or 'none'}, grad_accum {o.get('grad_accum', 1)}, "
             f"{p['shapes']['pairs']} pairs{extra}")
 
@@ -185,6 +190,8 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=DOC)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     ap.add_argument("--retry-failed", action="store_true")
+    ap.add_argument("--force", action="store_true",
+                    help="plan the --rows again even when done (after a code change; the new line wins)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     known = {r["id"]: r for r in ROWS}
@@ -194,7 +201,7 @@ def main() -> None:
     if not args.table_only:
         for row in (known[r] for r in args.rows) if args.rows else ROWS:
             done = read_raw(args.raw).get(row["id"])
-            if done and (done["status"] == "ok" or not args.retry_failed):
+            if done and not (args.force and args.rows) and (done["status"] == "ok" or not args.retry_failed):
                 continue
             print(f"{time.strftime('%H:%M:%S')} planning {row['id']}", flush=True)
             entry = run_row(row, args.timeout)

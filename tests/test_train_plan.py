@@ -100,3 +100,11 @@ def test_lora_plan_trains_the_adapters_only():
     norms = (2 * L + 1) * D
     assert m["frozen_base_bytes"] == 4 * ((_params(TINY) - norms) // 8 + norms)
     assert p["options"]["lora_r"] == r and p["options"]["reference"] == "adapter_off"
+
+
+def test_plan_with_activation_constraints_off():
+    run = P.run_config(None, ["mesh.data=2", "mesh.fsdp=4", "mesh.constrain_activations=false"])
+    p = P.plan(TINY, "tiny", "train", P.target(cpu_devices=8), P.Shapes(8, 8, 8), run)
+    assert p["options"]["constrain_activations"] is False
+    assert "mesh.constrain_activations=false" in P.overrides_of(p)  # what train needs to reproduce it
+    assert P.summary_row(p)["constrain"] is False

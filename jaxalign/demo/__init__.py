@@ -11,11 +11,15 @@ Four steps, each with a progress bar, all outputs in one folder (default ``./dem
    chosen/rejected log-prob of every trained pair. With ``mitigations``, two more: the pool without its
    highest-LN-CHES pairs (Razin et al.'s filter) and DPO+SFT on the highest-LN-CHES pairs.
 
-With ``prompts`` the pairs are on-policy: a step 0 samples two responses per prompt from the model and
-orders them with a judge (:func:`jaxalign.jobs.sample.sample_pairs`).
+Step 0 makes the pairs. The default: answer-swap pairs (:mod:`jaxalign.demo.answer_pairs`): the model's
+own greedy reason after the right and the wrong answer to questions with a known answer, y− sharing y+'s
+continuation for half of them (Yuan et al. §4.3's identical-suffix construction, in the model's words).
+With ``prompts`` the pairs are on-policy: two responses per prompt sampled from the model and ordered
+by a judge (:func:`jaxalign.jobs.sample.sample_pairs`); with ``data``, a preference data set.
 4. **The report** (:mod:`jaxalign.demo.report`): ``report.md`` with PNG figures and ``report.html``.
 
-Modules: :mod:`jaxalign.demo.pipeline` (settings, steps, resume), :mod:`jaxalign.demo.report` (the
+Modules: :mod:`jaxalign.demo.pipeline` (settings, steps, resume), :mod:`jaxalign.demo.answer_pairs` (the
+default pairs), :mod:`jaxalign.demo.report` (the
 numbers and the report). ``docs/demo.md`` describes the output.
 """
 

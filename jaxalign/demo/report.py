@@ -140,8 +140,34 @@ def _entangle(out: Path, rows: list[dict]) -> dict[str, Any]:
 
 
 def data_source(st: dict) -> str:
-    """What the pairs came from: the data set, or the prompts the model answered (on-policy pairs)."""
-    return st["data"] if st.get("prompts") is None else f"on-policy pairs for {st['prompts']}"
+    """What the pairs came from: the data set, the prompts the model answered (on-policy pairs), or the
+    answer-swap pairs of prompts with a known answer."""
+    if st.get("prompts") is not None:
+        return f"on-policy pairs for {st['prompts']}"
+    if st.get("answers") is not None:
+        return f"answer-swap pairs of {st['answers']}"
+    return st["data"]
+
+
+def pair_kinds(out: Path) -> dict[int, str] | None:
+    """``data/pairs.jsonl`` line → kind of answer-swap pair (``answers/pairs.jsonl``), or ``None``."""
+    made = out / "answers" / "pairs.jsonl"
+    if not made.exists():
+        return None
+    kinds = [json.loads(line)["kind"] for line in made.read_text(encoding="utf-8").splitlines() if line.strip()]
+    source = store.read_json(out / "data" / "pairs_index.json")["source_index"]
+    return {line: kinds[i] for line, i in enumerate(source)}
+
+
+def kind_counts(m: dict, kinds: dict[int, str]) -> dict[str, dict[str, int]]:
+    """Per run, how many of its trained pairs are of each answer-swap kind."""
+    from jaxalign.demo.answer_pairs import KINDS
+
+    out = {}
+    for name in m["subsets"]:
+        idx = m["subset_info"][RUN_DATA[name]]
+        out[name] = {k: sum(kinds[int(i)] == k for i in idx) for k in KINDS}
+    return out
 
 
 def sign_counts(probed: list[dict], subset: str) -> tuple[int, int, int, int]:
@@ -218,15 +244,26 @@ def _result_section(rep, c: dict) -> None:
 
 
 
-def _verdicts(m: dict) -> list[tuple[str, bool]]:
-    """The demo's claims, each checked on this run's numbers: (claim, holds)."""
+def _verdicts(m: dict) -> list[tuple[str, bool, str]]:
+    """The demo's claims, each checked on this run's numbers: (claim, holds, the numbers)."""
     sub = m["subsets"]
-    out = [("the highest-LN-CHES subset's mean log π(y+) falls", sub["high"]["d_chosen_mean"] < 0),
-           ("the lowest-LN-CHES subset's mean log π(y+) rises", sub["low"]["d_chosen_mean"] > 0)]
+
+    def change(name):
+        s = sub[name]
+        return (f"Δ mean log π(y+) {s['d_chosen_mean']:+.3f} nats; y+ fell for "
+                f"{round(s['chosen_fell_fraction'] * s['pairs'])} of {s['pairs']} pairs")
+
+    out = [("the highest-LN-CHES subset's mean log π(y+) falls", sub["high"]["d_chosen_mean"] < 0, change("high")),
+           ("the lowest-LN-CHES subset's mean log π(y+) rises", sub["low"]["d_chosen_mean"] > 0, change("low"))]
     if "filtered" in sub:
-        out += [("the filtered pool's mean log π(y+) does not fall", sub["filtered"]["d_chosen_mean"] >= 0),
+        out += [("the filtered pool's mean log π(y+) does not fall", sub["filtered"]["d_chosen_mean"] >= 0,
+                 change("filtered")),
                 ("DPO+SFT on the highest-LN-CHES subset: mean log π(y+) does not fall",
-                 sub["sft"]["d_chosen_mean"] >= 0)]
+                 sub["sft"]["d_chosen_mean"] >= 0, change("sft"))]
+    probed = [sign_counts(m["entangle"]["pairs"], s) for s in SUBSETS]
+    n, agree = sum(p[0] for p in probed), sum(p[3] for p in probed)
+    out.append(("the entanglement probe predicts the sign of Δ log π(y+) for most probed pairs", 2 * agree > n,
+                f"{agree} of {n} signs agree"))
     return out
 
 
@@ -234,7 +271,8 @@ def _mitigation_section(rep, c: dict) -> None:
     """The claims checked, and the two mitigations."""
     m, st, hi = c["m"], c["st"], c["hi"]
     rep.section("What this run shows")
-    rep.table(["claim", "holds in this run"], [[claim, "yes" if ok else "**no**"] for claim, ok in _verdicts(m)])
+    rep.table(["claim", "holds in this run", "measured"],
+              [[claim, "yes" if ok else "**no**", numbers] for claim, ok, numbers in _verdicts(m)])
     if "filtered" not in m["subsets"]:
         return
     fi, sf = m["subsets"]["filtered"], m["subsets"]["sft"]
@@ -252,7 +290,6 @@ def _setup_section(rep, c: dict) -> None:
     """Model, data, subsets and training settings."""
     out, figs, m, st, run, data_info, ches_summary, ent, hi, lo, model_name = (c[k] for k in _CTX)
     rep.section("Setup")
-    lr = st["lr"]
     sampled = out / "sample" / "pairs.summary.json"
     if st.get("prompts") is not None and sampled.exists():
         smp = store.read_json(sampled)
@@ -265,6 +302,7 @@ def _setup_section(rep, c: dict) -> None:
             f"{smp['mean_score']:.3g}), ties in random order: {smp['pairs']} pairs, {smp['ties_kept']} of them "
             f"ties, {smp['single_response']} prompts with one distinct response left out. Nothing was written "
             "by hand: these are on-policy pairs, as in Razin et al. §6.")
+    _answers_text(rep, out, m, st)
     rep.text(
         f"* Model: `{run['model_path']}`.\n"
         f"* Data: `{data_source(st)}` — {data_info['read']} records read, {data_info['valid']} valid, "
@@ -273,13 +311,52 @@ def _setup_section(rep, c: dict) -> None:
         f"* Training subsets: from {m['subset_info']['pool_rule']}, the {hi['pairs']} highest-LN-CHES "
         f"(LN-CHES {hi['ln_ches_min']:.4g} … {hi['ln_ches_max']:.4g}) and the {lo['pairs']} lowest "
         f"({lo['ln_ches_min']:.4g} … {lo['ln_ches_max']:.4g}).\n"
-        f"* Every run: DPO (`sigmoid`, β = {st['beta']}), {st['optimizer']} lr {lr:g}, batch {st['batch_size']}, "
+        f"* Every run: DPO (`sigmoid`, β = {st['beta']}), {_optimizer_text(st)}, batch {st['batch_size']}, "
         f"{st['steps']} steps, seed {st['seed']}, float32, reference = the initial model; log-probs of every "
         f"trained pair recorded every {st['ledger_every']} steps (`train/*/ledger.zarr`).\n"
         f"* Entanglement: {ent['case_fractions']['all']['pairs']} of the trained pairs (half per subset, "
         f"evenly spaced in LN-CHES), all parameters, method "
         + ", ".join(f"{v} ({k.replace('x', ' + ')} padded tokens)" for k, v in (ent["method"] or {}).items()) + ".")
 
+
+
+def _optimizer_text(st: dict) -> str:
+    """``adamw lr 5e-06, 10% linear warm-up then linear decay, clipping at 1`` (settings of older runs lack
+    the schedule fields)."""
+    text = f"{st['optimizer']} lr {st['lr']:g}"
+    if st.get("warmup_ratio"):
+        text += f", {100 * st['warmup_ratio']:.0f}% linear warm-up"
+    if st.get("schedule", "constant") != "constant":
+        text += f", then {st['schedule']} decay"
+    if st.get("max_grad_norm") is not None:
+        text += f", gradient clipping at global norm {st['max_grad_norm']:g}"
+    return text
+
+
+def _answers_text(rep, out: Path, m: dict, st: dict) -> None:
+    """How answer-swap pairs were made, and how many of each kind each run trained on."""
+    made = out / "answers" / "pairs.summary.json"
+    if st.get("prompts") is not None or st.get("answers") is None or not made.exists():
+        return
+    a = store.read_json(made)
+    rep.text(
+        f"**How the pairs were made** (`jaxalign.demo.answer_pairs`, in the style of Yuan et al. §4.3): the "
+        f"first {a['pairs']} prompts of `{a['data']}` (a question with a known right and wrong one-word "
+        f"answer){', rendered with the chat template' if a['chat'] else ''}. Each response opens with "
+        f"`{a['opening']}` with the right (y+) or the wrong (y−) answer; the model then continues by greedy "
+        f"decoding, cut at the end of its first sentence (at most {a['max_new_tokens']} tokens; "
+        f"{100 * a['ended_fraction']:.0f}% ended with a sentence; {a['continuation_tokens_mean']:.1f} tokens "
+        "on average). y+ = the right answer and the model's own continuation after it. A seeded draw (seed "
+        f"{a['seed']}) makes {a['kinds']['shared_suffix']} pairs **shared-suffix** (y− = the wrong answer "
+        "followed by the *same* continuation: the responses differ in one word) and "
+        f"{a['kinds']['own_continuation']} **own-continuation** (y− = the wrong answer followed by the "
+        "model's own continuation after it). Nothing is written by hand but the question and the opening; "
+        "every pair's provenance is in `answers/pairs.jsonl`.")
+    kinds = pair_kinds(out)
+    counts = kind_counts(m, kinds)
+    rep.table(["run", "pairs", "shared-suffix", "own-continuation"],
+              [[SUBSET_NAMES[n], m["subsets"][n]["pairs"], c["shared_suffix"], c["own_continuation"]]
+               for n, c in counts.items()])
 
 
 def _ches_section(rep, c: dict) -> None:
@@ -382,6 +459,7 @@ def _timings_section(rep, c: dict) -> None:
     labels = {"data": "preparing the pairs", "ches": "1. CHES of every pair", "select": "choosing the subsets",
               "entangle": "2. entanglement probe", "train_high": "3. DPO run, highest LN-CHES",
               "train_low": "3. DPO run, lowest LN-CHES", "sample": "sampling on-policy pairs",
+              "answers": "making the answer-swap pairs",
               "train_filtered": "3. DPO run, filtered pool", "train_sft": "3. DPO+SFT run, highest LN-CHES"}
     rep.table(["step", "wall seconds", "this invocation"],
               [[labels.get(k, k), v.get("seconds"), "reused" if k in run["reused"] else "ran"]
@@ -426,7 +504,8 @@ def write_report(out: str | Path, run: dict) -> dict:
                "spearman": m["spearman"], "case_fractions": ent["case_fractions"],
                "predicted_vs_realised": {k: ent[k] for k in ("spearman_chosen", "spearman_rejected",
                                                              "sign_agreement_chosen", "sign_agreement_rejected")},
-               "verdicts": [{"claim": claim, "holds": bool(ok)} for claim, ok in _verdicts(m)],
+               "verdicts": [{"claim": claim, "holds": bool(ok), "measured": numbers}
+                            for claim, ok, numbers in _verdicts(m)],
                "sign_counts": {s: dict(zip(("probed", "predicted_fall", "fell", "agree"), sign_counts(ent["pairs"], s)))
                                for s in SUBSETS},
                "pairs": m["pairs"], "entangle_pairs": ent["pairs"], "steps": run["steps"],

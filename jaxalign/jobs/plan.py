@@ -276,7 +276,8 @@ def _train_program(model, run, shapes: Shapes, mesh) -> Program:
                                    schedule=schedule),
                  in_shardings=(state_sh, batch_sh, rest_sh, param_sh if online else None),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
-    with jax.set_mesh(mesh):  # as step_lib.jit_train_step calls it: the model's constraints see the mesh
+    # As step_lib.jit_train_step calls it: the model's constraints see the mesh (unless switched off).
+    with jax.set_mesh(mesh), parallel.activation_constraints(run.mesh.constrain_activations):
         lowered = fn.lower(state, batch, parts.rest, params if online else None)
     groups = {"params": per_chip_bytes(params, param_sh), "optimizer": per_chip_bytes(opt_struct, opt_sh),
               "batch": per_chip_bytes(batch, batch_sh),
@@ -778,7 +779,8 @@ def _options(job: str, run, prog: Program) -> dict[str, Any]:
            "remat": run.model.remat}
     if job == "train":
         out.update(loss=run.loss.name, optimizer=run.optim.name, grad_accum=run.train.grad_accum,
-                   reference=run.loss.reference, shared_prompt=run.data.shared_prompt)
+                   reference=run.loss.reference, shared_prompt=run.data.shared_prompt,
+                   constrain_activations=run.mesh.constrain_activations)
     if run.lora.enabled:
         out.update(lora_target=run.lora.target, lora_r=run.lora.r)
     out.update(prog.info)
@@ -808,6 +810,8 @@ def overrides_of(p: Mapping[str, Any]) -> list[str]:
     out.append(f"model.remat={p['options']['remat'] if p['options']['remat'] else 'null'}")
     if p["job"] == "train":
         out.append(f"train.grad_accum={p['options']['grad_accum']}")
+        if not p["options"].get("constrain_activations", True):
+            out.append("mesh.constrain_activations=false")
     return out
 
 
@@ -816,7 +820,8 @@ def overrides_of(p: Mapping[str, Any]) -> list[str]:
 def candidates(n: int, shapes: Shapes, heads: int, *, job: str = "train",
                remats: Sequence[str | None] = SEARCH_REMAT) -> list[dict]:
     """Mesh factorisations ``data × fsdp × tensor = n`` (tensor dividing the heads), remat policies and
-    grad_accum values (train) whose micro-batch divides over ``data × fsdp``."""
+    grad_accum values (train) whose micro-batch divides over ``data × fsdp``; for training each with the
+    activation constraints on and off (``mesh.constrain_activations``)."""
     out = []
     for t in (d for d in range(1, n + 1) if n % d == 0 and heads % d == 0):
         for f in (d for d in range(1, n // t + 1) if (n // t) % d == 0):
@@ -826,7 +831,8 @@ def candidates(n: int, shapes: Shapes, heads: int, *, job: str = "train",
                 if (shapes.pairs // a) % (data * f):
                     continue
                 for r in remats:
-                    out.append({"mesh": (data, f, t), "remat": r, "grad_accum": a})
+                    for on in ((True, False) if job == "train" else (True,)):
+                        out.append({"mesh": (data, f, t), "remat": r, "grad_accum": a, "constrain": on})
     return out
 
 
@@ -842,8 +848,8 @@ def _footprint(c: Mapping[str, Any], pairs: int) -> tuple[int, float, int]:
 def _needs_no_less(c, failed, pairs: int) -> bool:
     """Whether candidate ``c`` keeps at least the memory of a candidate that did not fit."""
     r, m, s = _footprint(c, pairs)
-    r0, m0, s0 = _footprint(failed, pairs)
-    return r >= r0 and m >= m0 and s <= s0
+    r0, m0, s0 = _footprint(failed, pairs)  # the activations' layout changes the memory: compare like with like
+    return r >= r0 and m >= m0 and s <= s0 and c.get("constrain") == failed.get("constrain")
 
 
 def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *, method: str = "gram",
@@ -851,9 +857,10 @@ def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None,
     """Plans the candidates (:func:`candidates`) and picks the fastest predicted one that fits.
 
     Order: no remat before remat, less accumulation first, the state sharded over more devices first (fsdp
-    before tensor). Skipped without compiling: candidates whose parameters and optimizer state alone
-    exceed the chip, and candidates that keep at least the memory of one that did not fit (same or more
-    activations kept, same or more pairs per device, state over as many devices or fewer). At most
+    before tensor), the activation constraints on before off. Skipped without compiling: candidates whose
+    parameters and optimizer state alone exceed the chip, and candidates that keep at least the memory of
+    one that did not fit (same or more activations kept, same or more pairs per device, state over as many
+    devices or fewer, the same activation constraints). At most
     ``max_compiles`` compiles. Returns ``{"best": plan or None, "tried": [summary rows], "skipped": n,
     "candidates": n}``.
     """
@@ -861,7 +868,7 @@ def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None,
     dims = model_dims(abstract_model(hf, run))
     cands = candidates(len(tgt.devices), shapes, dims["heads"] or 1, job=job, remats=remats)
     cands.sort(key=lambda c: (-_REMAT_MEMORY.get(c["remat"], 1), c["grad_accum"],
-                              -c["mesh"][1] * c["mesh"][2], c["mesh"][2]))
+                              -c["mesh"][1] * c["mesh"][2], c["mesh"][2], not c["constrain"]))
     hbm = tgt.hbm_bytes
     state_bytes = _state_bytes_per_param(job, run)
     tried, failed, skipped, best = [], [], 0, None
@@ -873,7 +880,8 @@ def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None,
         if len(tried) >= max_compiles:
             break
         trial = dataclasses.replace(
-            run, mesh=dataclasses.replace(run.mesh, data=c["mesh"][0], fsdp=c["mesh"][1], tensor=c["mesh"][2]),
+            run, mesh=dataclasses.replace(run.mesh, data=c["mesh"][0], fsdp=c["mesh"][1], tensor=c["mesh"][2],
+                                          constrain_activations=c["constrain"]),
             model=dataclasses.replace(run.model, remat=c["remat"]),
             train=dataclasses.replace(run.train, grad_accum=c["grad_accum"]))
         p = plan(hf, name, job, tgt, shapes, trial, method=method)
@@ -901,8 +909,10 @@ def _step(p) -> float:
 def summary_row(p: Mapping[str, Any]) -> dict[str, Any]:
     m, r = p["memory"], p.get("roofline", {})
     row = {"mesh": "x".join(str(v) for v in p["mesh"].values()), "remat": p["options"]["remat"],
-           "grad_accum": p["options"].get("grad_accum", 1), "gb_per_chip": m["total_bytes"] / 1e9,
-           "fits": m.get("fits")}
+           "grad_accum": p["options"].get("grad_accum", 1)}
+    if "constrain_activations" in p["options"]:
+        row["constrain"] = p["options"]["constrain_activations"]
+    row.update(gb_per_chip=m["total_bytes"] / 1e9, fits=m.get("fits"))
     if "compiler_error" in m:
         row["refused"] = "compiler: out of HBM"
     if r:

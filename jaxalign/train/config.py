@@ -133,6 +133,8 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1                # a mixture-of-experts model's experts split over this many devices
+    constrain_activations: bool = True  # the model places its activations (rows over data × fsdp); false:
+                                        # XLA chooses (docs/scale.md: better for some small per-chip batches)
 
 
 @dataclasses.dataclass(frozen=True)

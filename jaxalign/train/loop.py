@@ -461,7 +461,8 @@ def _build(cfg: RunConfig, model, tokenizer, train_source, *, weights_key: str |
         parts=parts, spec=spec, optimizer=optimizer, schedule=optim.make_schedule(cfg.optim, total_steps),
         state_shardings=step_lib.shardings_of(state), batch_shardings=batch_sh,
         rest_shardings=step_lib.shardings_of(parts.rest),
-        ref_shardings=None if ref_params is None else step_lib.shardings_of(ref_params), mesh=mesh, key=opt_key)
+        ref_shardings=None if ref_params is None else step_lib.shardings_of(ref_params), mesh=mesh, key=opt_key,
+        constrain_activations=cfg.mesh.constrain_activations)
     ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last, best_metric=cfg.checkpoint.best_metric,
                         best_mode=cfg.checkpoint.best_mode, async_save=cfg.checkpoint.async_save)
     measure = Measurer(scorer, parts, spec, sets["probe"], sets.get("eval"))

@@ -464,13 +464,16 @@ def _train_step(static: Static, state, batch, rest, ref_params):
 
 
 def jit_train_step(*, parts: ModelParts, spec: Objective, optimizer, schedule, state_shardings,
-                   batch_shardings, rest_shardings, ref_shardings, mesh, key: Any = None):
+                   batch_shardings, rest_shardings, ref_shardings, mesh, key: Any = None,
+                   constrain_activations: bool = True):
     """``train_step`` jitted with explicit in/out shardings and the state donated.
 
     ``key``: a hashable stand-in for ``(optimizer, schedule)`` (e.g. their config and the run length):
     steps built with equal keys, objectives and model graphdefs share one compiled program.
+    ``constrain_activations``: the model's activation sharding constraints on or off
+    (``mesh.constrain_activations``; ``parallel.activation_constraints``).
     """
-    static = Static((parts.graphdef, spec, (optimizer, schedule) if key is None else key),
+    static = Static((parts.graphdef, spec, (optimizer, schedule) if key is None else key, constrain_activations),
                     (parts, spec, optimizer, schedule))
     if mesh is None:
         fn = jax.jit(_train_step, static_argnums=0, donate_argnames="state")
@@ -479,7 +482,8 @@ def jit_train_step(*, parts: ModelParts, spec: Objective, optimizer, schedule, s
         fn = jax.jit(_train_step, static_argnums=0, donate_argnames="state",
                      in_shardings=(state_shardings, batch_shardings, rest_shardings, ref_shardings),
                      out_shardings=(state_shardings, replicated))
-    return parallel.in_mesh(functools.partial(fn, static), mesh)  # the model's activation constraints
+    return parallel.in_mesh(functools.partial(fn, static), mesh,  # the model's activation constraints
+                            constrain_activations=constrain_activations)
 
 
 def _pair_scores(static: Static, params, batch, rest):
