@@ -115,7 +115,7 @@ def test_quick_demo_writes_the_report_with_the_measured_numbers(demo_run):
     assert subsets["pool_size"] == len(ln) == 24
     assert sorted(filtered) == sorted(sorted(ln, key=ln.get)[:16]) and not set(filtered) & set(high)
 
-    d_all, score_all, d_mean = [], [], {}
+    d_all, score_all, d_mean, se_of = [], [], {}, {}
     labels = {"high": "highest LN-CHES", "low": "lowest LN-CHES", "filtered": "filtered pool",
               "sft": "DPO+SFT, highest LN-CHES"}
     for name, idx in (("high", high), ("low", low), ("filtered", filtered), ("sft", high)):
@@ -126,7 +126,7 @@ def test_quick_demo_writes_the_report_with_the_measured_numbers(demo_run):
         assert np.all(np.isfinite(dc)) and np.any(dc != 0)
         cells = _row(md, labels[name])
         se = dc.std(ddof=1) / np.sqrt(dc.size)
-        d_mean[name] = dc.mean()
+        d_mean[name], se_of[name] = dc.mean(), se
         assert cells[1] == str(len(idx))
         assert cells[2] == format_cell(float(np.mean([ln[i] for i in idx])))
         assert cells[4] == format_cell(float(dc.mean())), (cells, dc.mean())
@@ -144,6 +144,10 @@ def test_quick_demo_writes_the_report_with_the_measured_numbers(demo_run):
                          ("DPO+SFT on the highest-LN-CHES subset: mean log π(y+) does not fall",
                           d_mean["sft"] >= 0)):
         assert _row(md, claim)[1] == ("yes" if holds else "**no**"), claim
+    for name, claim in (("high", "falls"), ("low", "rises")):  # the significance note, from the ledgers' s.e.
+        significant = abs(d_mean[name]) > 2 * se_of[name]
+        cell = _row(md, f"the {'highest' if name == 'high' else 'lowest'}-LN-CHES subset's mean log π(y+) {claim}")[2]
+        assert ("beyond 2 s.e. of zero" in cell) == significant and ("not significant" in cell) != significant
     fell = {name: int(round(float(_row(md, labels[name])[8]) * int(_row(md, labels[name])[1]))) for name in d_mean}
     assert _row(md, "the highest-LN-CHES subset's mean log π(y+) falls")[2].endswith(
         f"y+ fell for {fell['high']} of {len(high)} pairs")

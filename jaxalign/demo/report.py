@@ -244,13 +244,19 @@ def _result_section(rep, c: dict) -> None:
 
 
 
+def _significance(mean: float, se: float) -> str:
+    """Whether a mean change is told apart from zero: beyond two standard errors (over pairs) or not."""
+    return "beyond 2 s.e. of zero" if abs(mean) > 2 * se else "within 2 s.e. of zero: not significant"
+
+
 def _verdicts(m: dict) -> list[tuple[str, bool, str]]:
     """The demo's claims, each checked on this run's numbers: (claim, holds, the numbers)."""
     sub = m["subsets"]
 
     def change(name):
         s = sub[name]
-        return (f"Δ mean log π(y+) {s['d_chosen_mean']:+.3f} nats; y+ fell for "
+        return (f"Δ mean log π(y+) {s['d_chosen_mean']:+.3f} ± {s['d_chosen_se']:.3f} nats "
+                f"({_significance(s['d_chosen_mean'], s['d_chosen_se'])}); y+ fell for "
                 f"{round(s['chosen_fell_fraction'] * s['pairs'])} of {s['pairs']} pairs")
 
     out = [("the highest-LN-CHES subset's mean log π(y+) falls", sub["high"]["d_chosen_mean"] < 0, change("high")),
