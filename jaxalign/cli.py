@@ -435,6 +435,8 @@ def _register_demo(subparsers) -> None:
                    help="answer-swap pairs whose y- shares y+'s continuation (default 0.5)")
     p.add_argument("--temperature", type=float, help="sampling temperature of --prompts")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens per sampled response")
+    p.add_argument("--seed", type=int, help="seed of the pairs' draw or sampling and of training (default 0); "
+                   "rerun with another to see how much a result depends on it")
     p.add_argument("--mitigations", action=argparse.BooleanOptionalAction, default=None,
                    help="also train on the pool without its highest-LN-CHES pairs, and DPO+SFT on them")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
@@ -452,12 +454,13 @@ def _run_demo(args) -> None:
     for flag, value in (("--pairs", args.pairs), ("--subset-size", args.subset_size), ("--steps", args.steps),
                         ("--max-new-tokens", args.max_new_tokens)):
         _at_least(flag, value, 1)
+    _at_least("--seed", args.seed, 0)
     settings = Settings.preset(args.quick, model=args.model, data=args.data, out=args.out, pairs=args.pairs,
                                subset_size=args.subset_size, steps=args.steps, lr=args.lr,
                                chat={"auto": None, "yes": True, "no": False}[args.chat], prompts=args.prompts,
                                temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                mitigations=args.mitigations, answers=args.answers,
-                               shared_fraction=args.shared_fraction)
+                               shared_fraction=args.shared_fraction, seed=args.seed)
     # Compiled programs are kept on disk, so a rerun (and the second training run) compiles less.
     jax.config.update("jax_compilation_cache_dir", str(Path(settings.out).resolve() / ".jax_cache"))
     summary = run_demo(settings, fresh=args.fresh, progress=not args.no_progress)

@@ -222,6 +222,12 @@ def test_bad_paths_exit_2_without_traceback(tiny, tmp_path, flag):
     assert f"jaxalign demo: error: {flag} {tmp_path / 'missing'}" in r.stderr
 
 
+def test_negative_seed_exits_2_without_traceback(tiny, tmp_path):
+    r = _demo("--quick", "--model", str(tiny["model"]), "--seed", "-1", "--out", str(tmp_path / "o"), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--seed must be at least 0, got -1" in r.stderr and not (tmp_path / "o").exists()
+
+
 # --- answer-swap pairs (jaxalign.demo.answer_pairs), on the tiny model ------------------------------------
 
 ANSWER_RUN = dict(n=6, max_new_tokens=5, batch_size=4, progress=False)
