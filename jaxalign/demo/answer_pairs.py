@@ -156,10 +156,9 @@ def generation_rows(kinds: list[str]) -> list[tuple[int, str]]:
 def _generator(model, tokenizer, inputs: list[list[int]], max_new_tokens: int, batch_size: int):
     """``compute(rows, padded) -> dict`` for :func:`jaxalign.jobs.common.run_batches`: greedy
     continuations of ``inputs[rows]``, cut at their first sentence."""
-    from jaxalign.models.generate import _eos_ids, generate_ids
+    from jaxalign.models.generate import generate_ids, stop_and_pad_ids
 
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos, pad = stop_and_pad_ids(model, tokenizer)
 
     def compute(rows: np.ndarray, padded: np.ndarray) -> dict:
         import pyarrow as pa

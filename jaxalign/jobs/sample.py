@@ -238,10 +238,9 @@ def _tokenize(tokenizer, prompt, max_prompt_length: int | None) -> list[int]:
 
 def _sampler(cfg: Sample, model, tokenizer, prompts: Prompts, judges: list[Judge]):
     """``compute(rows, padded) -> pa.Table`` for :func:`jaxalign.jobs.common.run_batches` (module doc)."""
-    from jaxalign.models.generate import _eos_ids, generate_ids
+    from jaxalign.models.generate import generate_ids, stop_and_pad_ids
 
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos, pad = stop_and_pad_ids(model, tokenizer)
     K = cfg.samples_per_prompt
 
     import pyarrow as pa

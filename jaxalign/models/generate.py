@@ -151,8 +151,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    eos, pad = stop_and_pad_ids(model, tokenizer)
     tokens = generate_ids(model, prompt_ids, max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
                           temperature=temperature, top_p=top_p, seed=seed)
     texts = []
@@ -162,11 +161,14 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     return texts
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS first, then any others the model config names (HF ``eos_token_id`` lists)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def stop_and_pad_ids(model, tokenizer) -> tuple[list[int], int]:
+    """``(eos, pad)``: the EOS ids a generated row ends at — the tokenizer's first, then any others the
+    model config names (HF ``eos_token_id`` lists) — and the padding id (the tokenizer's, else the first
+    EOS, else 0)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     extra = getattr(getattr(model, "cfg", None), "eos_token_id", None)
     for i in ([extra] if isinstance(extra, int) else list(extra or ())):
-        if i not in ids:
-            ids.append(int(i))
-    return ids
+        if i not in eos:
+            eos.append(int(i))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    return eos, pad
