@@ -410,6 +410,7 @@ def _register_demo(subparsers) -> None:
              "sample, two DPO runs (highest vs lowest LN-CHES pairs), and a report (report.md, report.html).",
              "jaxalign demo                      # SmolLM2-135M-Instruct, answer-swap pairs -> ./demo_out\n"
              "jaxalign demo --quick              # fewer pairs and steps (a few minutes on 2 cores)\n"
+             "jaxalign demo --full               # seeds 0-5 pooled into demo_out/pooled.md (~45 min)\n"
              "jaxalign demo --model MODEL_DIR_OR_GGUF --data pairs.jsonl --out runs/demo\n"
              "# run again into the same --out: finished steps are reused, changed ones redone")
     p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from "
@@ -437,6 +438,11 @@ def _register_demo(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens per sampled response")
     p.add_argument("--seed", type=int, help="seed of the pairs' draw or sampling and of training (default 0); "
                    "rerun with another to see how much a result depends on it")
+    p.add_argument("--seeds", metavar="LIST", help="run the demo once per seed (e.g. 0-5 or 0,3,7) into "
+                   "OUT/seed-N and pool the results into OUT/pooled.md: is the high subset's fall beyond the "
+                   "seed-to-seed noise?")
+    p.add_argument("--full", action="store_true", help="the default demo over seeds 0-5, pooled (--seeds 0-5; "
+                   "about 45 minutes on 2 cores): one seed's fall is within its noise, six seeds' is not")
     p.add_argument("--mitigations", action=argparse.BooleanOptionalAction, default=None,
                    help="also train on the pool without its highest-LN-CHES pairs, and DPO+SFT on them")
     p.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
@@ -449,22 +455,39 @@ def _run_demo(args) -> None:
 
     import jax
 
-    from jaxalign.demo import Settings, report, run_demo
+    from jaxalign.demo import Settings, pooling, report, run_demo
 
     for flag, value in (("--pairs", args.pairs), ("--subset-size", args.subset_size), ("--steps", args.steps),
                         ("--max-new-tokens", args.max_new_tokens)):
         _at_least(flag, value, 1)
     _at_least("--seed", args.seed, 0)
-    settings = Settings.preset(args.quick, model=args.model, data=args.data, out=args.out, pairs=args.pairs,
+    if args.full:
+        if args.quick or args.seed is not None or args.seeds is not None:
+            raise pooling.PoolingError("--full is the default demo over seeds 0-5: not with --quick, --seed or "
+                                       "--seeds")
+        args.seeds = pooling.FULL_SEEDS
+    if args.seeds is not None and args.seed is not None:
+        raise pooling.PoolingError("give --seed or --seeds, not both")
+    seeds = pooling.parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+
+    def settings_for(seed, out):
+        return Settings.preset(args.quick, model=args.model, data=args.data, out=out, pairs=args.pairs,
                                subset_size=args.subset_size, steps=args.steps, lr=args.lr,
                                chat={"auto": None, "yes": True, "no": False}[args.chat], prompts=args.prompts,
                                temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                mitigations=args.mitigations, answers=args.answers,
-                               shared_fraction=args.shared_fraction, seed=args.seed)
+                               shared_fraction=args.shared_fraction, seed=seed)
+
+    outs = [args.out] if args.seeds is None else [str(Path(args.out) / f"seed-{s}") for s in seeds]
     # Compiled programs are kept on disk, so a rerun (and the second training run) compiles less.
-    jax.config.update("jax_compilation_cache_dir", str(Path(settings.out).resolve() / ".jax_cache"))
-    summary = run_demo(settings, fresh=args.fresh, progress=not args.no_progress)
-    print(report.format_summary(summary))
+    jax.config.update("jax_compilation_cache_dir", str(Path(args.out).resolve() / ".jax_cache"))
+    for seed, out in zip(seeds, outs):
+        summary = run_demo(settings_for(seed, out), fresh=args.fresh, progress=not args.no_progress)
+        print(report.format_summary(summary))
+    if args.seeds is not None:
+        pooling.write_pooled(outs, args.out)
+        print(f"\npooled over seeds {args.seeds} ({Path(args.out) / 'pooled.md'}):\n")
+        print((Path(args.out) / "pooled.md").read_text().split("\n\n", 2)[2])
 
 
 # --- main -------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ Letters: B pairs, P prompt length, R response length (padded), D model width, V 
 A pair is ``(x, y+, y-)``. Both responses continue the same prompt, which is usually most of the
 tokens, so :func:`pair_forward` runs the prompt once into a KV cache, tiles the cache for the two
 responses and continues chosen and rejected from it: the work is ``P + 2R`` tokens instead of
-``2(P + R)``. Gradients flow through the shared prompt from both responses. :func:`sequence_forward`
-computes the same quantities from full ``prompt + response`` rows (the unshared path; equal, tested).
+``2(P + R)``. Gradients flow through the shared prompt from both responses. With ``fused=True`` the
+same happens in one pass over rows ``[prompt | chosen | rejected]``, the responses as branches that do not
+see each other (:func:`encode_pair`). :func:`sequence_forward` computes the same quantities from full
+``prompt + response`` rows (the unshared path; equal, tested).
 
 Under the sequence convention (DESIGN §3) response token ``k`` of ``y`` is predicted by position
 ``k - 1``; the first response token is predicted by the last prompt token. So for a response of ``n``
@@ -25,6 +27,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign import logprobs
 
@@ -134,6 +137,30 @@ def continue_responses(model, prompt: PromptEncoding, ids_NR: jax.Array, mask_NR
     return model(ids_NR, mask_NR, cache=cache, return_logits=False, return_layer_hidden=layer_hidden)
 
 
+def encode_pair(model, pb: PairBatch, *, layer_hidden: bool = False):
+    """The prompt and both responses in one pass, no cache: each row is ``[prompt | chosen | rejected]``
+    with the responses as two branches of the prompt (``branch_BT``, ``models/base.py``): each response
+    sees the prompt and itself, not the other, at the positions that continue the prompt.
+
+    Returns ``(prompt, responses)``: a :class:`PromptEncoding` (no cache; ``out`` the prompt's columns)
+    and the responses' ``ModelOutput`` as :func:`continue_responses` gives it (``hidden`` ``[2B, R, D]``,
+    rows ``[chosen…; rejected…]``).
+    """
+    P, R = pb.prompt_ids_BP.shape[1], pb.chosen_ids_BR.shape[1]
+    ids_BT = jnp.concatenate([pb.prompt_ids_BP, pb.chosen_ids_BR, pb.rejected_ids_BR], axis=1)
+    mask_BT = jnp.concatenate([m.astype(bool) for m in (pb.prompt_mask_BP, pb.chosen_mask_BR,
+                                                        pb.rejected_mask_BR)], axis=1)
+    branch_1T = jnp.asarray(np.repeat(np.arange(3, dtype=np.int32), (P, R, R))[None])
+    out = model(ids_BT, mask_BT, branch_BT=branch_1T, return_logits=False, return_layer_hidden=layer_hidden)
+
+    def columns(fn):
+        return out._replace(hidden=fn(out.hidden), layer_hidden=None if out.layer_hidden is None else
+                            tuple(map(fn, out.layer_hidden)))
+
+    prompt = PromptEncoding(None, columns(lambda x: x[:, :P]), last_valid_index(pb.prompt_mask_BP))
+    return prompt, columns(lambda x: jnp.concatenate([x[:, P:P + R], x[:, P + R:]], axis=0))
+
+
 def response_logprobs(model, h_prompt_last_ND: jax.Array, h_NRD: jax.Array, ids_NR: jax.Array, *,
                       chunk_size: int | None = 128) -> tuple[jax.Array, jax.Array]:
     """Log-probs of the response tokens under the sequence convention (DESIGN §3).
@@ -149,6 +176,20 @@ def response_logprobs(model, h_prompt_last_ND: jax.Array, h_NRD: jax.Array, ids_
     return first_N, next_NR
 
 
+def summed_logprobs(model, h_prompt_last_ND: jax.Array, h_NRD: jax.Array, ids_NR: jax.Array, mask_NR: jax.Array,
+                    *, chunk_size: int | None = 128) -> jax.Array:
+    """``[N]`` summed log-probs of right-padded responses (the first token always counts, as EOS does).
+
+    Token ``k`` is predicted by the hidden state before it (the prompt's last for ``k = 0``), so the
+    ``R`` predicting states ``[h_last, h_0 … h_{R−2}]`` go through one unembedding (the last response
+    position predicts nothing and is skipped): what :func:`response_logprobs` gives, in one pass.
+    """
+    h_in_NRD = jnp.concatenate([h_prompt_last_ND[:, None].astype(h_NRD.dtype), h_NRD[:, :-1]], axis=1)
+    lp_NR = logprobs.token_logprobs_from_hidden(h_in_NRD, ids_NR, model.logits, chunk_size=chunk_size)
+    counted_NR = mask_NR.astype(bool).at[:, 0].set(True)
+    return jnp.sum(jnp.where(counted_NR, lp_NR, 0.0), axis=1)
+
+
 def next_token_mask(mask_NR: jax.Array) -> jax.Array:
     """``[N, R]`` bool: response position ``j`` predicts a token (token ``j + 1`` exists)."""
     mask_NR = mask_NR.astype(bool)
@@ -156,7 +197,7 @@ def next_token_mask(mask_NR: jax.Array) -> jax.Array:
 
 
 def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, chunk_size: int | None = 128,
-                 layer: int | None = None) -> PairOutput:
+                 layer: int | None = None, fused: bool = False) -> PairOutput:
     """Log-probs and/or hidden-state sums of chosen and rejected, the prompt run once.
 
     Args:
@@ -169,6 +210,9 @@ def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, c
       layer: which hidden states ``hidden_sums`` uses: ``None`` the final ones after the last norm (the
         lm_head input); an integer indexes ``ModelOutput.layer_hidden`` (0 = embeddings, ``i`` = output
         of block ``i`` before any final norm, negative from the end). Log-probs always use the final ones.
+      fused: one pass over ``[prompt | chosen | rejected]`` rows (:func:`encode_pair`) instead of the
+        prompt into a KV cache tiled for the responses (:func:`encode_prompt`, :func:`continue_responses`).
+        Equal results; on CPU not faster for the train step (docs/benchmarks.md, "Changes tried").
 
     Returns:
       :class:`PairOutput`.
@@ -176,21 +220,23 @@ def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, c
     pb = batch[0] if len(batch) == 1 and isinstance(batch[0], PairBatch) else PairBatch(*batch)
     B = pb.prompt_ids_BP.shape[0]
     want_layers = hidden_sums and layer is not None
-    prompt = encode_prompt(model, pb.prompt_ids_BP, pb.prompt_mask_BP, response_length=pb.chosen_ids_BR.shape[1],
-                           layer_hidden=want_layers)
-    h_last_BD = prompt.last_hidden()
     ids_2BR, mask_2BR = pb.responses_2BR()
     mask_2BR = mask_2BR.astype(bool)
-    resp_out = continue_responses(model, prompt, ids_2BR, mask_2BR, layer_hidden=want_layers)
+    if fused:
+        prompt, resp_out = encode_pair(model, pb, layer_hidden=want_layers)
+    else:
+        prompt = encode_prompt(model, pb.prompt_ids_BP, pb.prompt_mask_BP,
+                               response_length=pb.chosen_ids_BR.shape[1], layer_hidden=want_layers)
+        resp_out = continue_responses(model, prompt, ids_2BR, mask_2BR, layer_hidden=want_layers)
+    h_last_BD = prompt.last_hidden()
     pos_mask_2BR = next_token_mask(mask_2BR)
     lengths_2B = jnp.sum(mask_2BR, axis=1).astype(jnp.int32)
 
     out = dict(chosen_logps=None, rejected_logps=None, chosen_lengths=lengths_2B[:B],
                rejected_lengths=lengths_2B[B:], prompt_last_hidden=h_last_BD)
     if logps:
-        first_2B, next_2BR = response_logprobs(model, jnp.concatenate([h_last_BD, h_last_BD], axis=0),
-                                               resp_out.hidden, ids_2BR, chunk_size=chunk_size)
-        total_2B = first_2B + jnp.sum(jnp.where(pos_mask_2BR, next_2BR, 0.0), axis=1)
+        total_2B = summed_logprobs(model, jnp.concatenate([h_last_BD, h_last_BD], axis=0), resp_out.hidden,
+                                   ids_2BR, mask_2BR, chunk_size=chunk_size)
         out.update(chosen_logps=total_2B[:B], rejected_logps=total_2B[B:])
     if hidden_sums:
         h_2BRD = _pick_layer(resp_out, layer) if want_layers else resp_out.hidden

@@ -26,7 +26,11 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # Logical axis name -> mesh axis (or None: replicated). Batch-like axes go over data and fsdp.
 RULES: Mapping[str, Any] = {
     "batch": ("data", "fsdp"),
-    "vocab": "tensor",
+    "batch_data": "data",  # rows of an activation whose other axis takes fsdp (the logits: vocab)
+    # Vocabulary tables [V, D] split by rows over fsdp × tensor (vocabulary-parallel, as in Shoeybi et al.,
+    # Megatron-LM, 2019, §3): the lookup and the logits then never gather a whole table, and each chip's
+    # table gradient is its own rows (docs/scale.md, "8B DPO on v5e-16").
+    "vocab": ("fsdp", "tensor"),
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
@@ -114,7 +118,12 @@ ACT_BTD = ("batch", None, None)
 ACT_BTNH = ("batch", None, "heads", None)
 ACT_BTKH = ("batch", None, "kv_heads", None)
 ACT_BTF = ("batch", None, "mlp")
-ACT_BTV = ("batch", None, "vocab")
+# Logits [B, T, V]: the vocabulary split as the tables' rows, the rows over data only (each chip's
+# logits are all rows × its vocabulary rows; the hidden chunk is gathered, the table never).
+ACT_BTV = ("batch_data", None, "vocab")
+# Logits when the vocabulary does not divide over fsdp × tensor (e.g. GPT-2's 50257): rows as every
+# activation, the tables split by D.
+ACT_BTV_ROWS = ("batch", None, "vocab")
 
 
 # Whether :func:`constrain` places the activations (``mesh.constrain_activations`` of a run). Off, XLA's
@@ -152,6 +161,16 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
     spec = logical_to_spec(logical_axes, x.shape, mesh)
     target = spec if isinstance(mesh, jax.sharding.AbstractMesh) else NamedSharding(mesh, spec)
     return jax.lax.with_sharding_constraint(x, target)
+
+
+def constrain_logits(logits_BTV: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+    """:func:`constrain` of logits ``[B, T, V]``: :data:`ACT_BTV` where the vocabulary tables are split
+    by rows on this mesh (``V`` divides over fsdp × tensor), else :data:`ACT_BTV_ROWS`."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return logits_BTV
+    rows_split = logical_to_spec(("vocab",), logits_BTV.shape[-1:], mesh)[0] is not None
+    return constrain(logits_BTV, ACT_BTV if rows_split else ACT_BTV_ROWS, mesh)
 
 
 def in_mesh(fn, mesh: Mesh | None, *, constrain_activations: bool = True):

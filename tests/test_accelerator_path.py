@@ -385,7 +385,7 @@ def test_fsdp_tensor_mesh_matches_one_device():
     assert spec(layer["attn"]["k_proj"]["kernel"]) == P("fsdp", None, None)
     assert spec(layer["attn"]["o_proj"]["kernel"]) == P("tensor", None, "fsdp")
     assert spec(layer["mlp"]["down_proj"]["kernel"]) == P("tensor", "fsdp")
-    assert spec(shardings["embed"]["embedding"]) == P("tensor", "fsdp")
+    assert spec(shardings["embed"]["embedding"]) == P(("fsdp", "tensor"), None)  # rows: vocabulary-parallel
     assert spec(shardings["final_norm"]["scale"]) == P(None)
 
     def fn(state, batch):

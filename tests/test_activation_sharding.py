@@ -62,3 +62,19 @@ def test_activation_constraints_switch():
             assert parallel.constrain(x, parallel.ACT_BTD) is x
         again = _constraint_ops(lambda a: fn(a), x)  # the block restores the default
     assert (on, off, again) == (1, 0, 1)
+
+
+def test_vocabulary_tables_split_by_rows_and_logits_by_vocab():
+    """The tables [V, D] are split by rows over fsdp × tensor; the logits follow the vocabulary split with
+    their rows over data only. A vocabulary that does not divide keeps the tables split by D and the
+    logits on their rows (data × fsdp)."""
+    mesh = parallel.make_mesh((2, 2, 2), jax.devices()[:8])
+    assert parallel.logical_to_spec(("vocab", "embed"), (64, 32), mesh) == P(("fsdp", "tensor"), None)
+    assert parallel.logical_to_spec(("vocab", "embed"), (63, 32), mesh) == P(None, "fsdp")
+    x = jnp.arange(4 * 3 * 64, dtype=jnp.float32).reshape(4, 3, 64)
+    with jax.set_mesh(mesh):
+        split = jax.jit(parallel.constrain_logits)(x)
+        odd = jax.jit(parallel.constrain_logits)(x[..., :63])
+    assert split.sharding.spec == P("data", None, ("fsdp", "tensor"))
+    assert odd.sharding.spec[0] == ("data", "fsdp") and all(a is None for a in odd.sharding.spec[1:])
+    np.testing.assert_array_equal(np.asarray(split), np.asarray(x))

@@ -111,3 +111,22 @@ def test_tiny_ches_scorer_dot_flops_match_the_formula(tmp_path):
     assert r["matmul_gflop_per_call"] * 1e9 == pytest.approx(expected, rel=1e-2)
     assert r["matmul_gflop_per_call"] * 1e9 >= expected
     assert r["gflop"] * 1e9 >= expected  # XLA's count includes the elementwise work too
+
+
+def test_bench_ab_variants_trace_their_own_programs():
+    """scripts/bench_ab.py: each variant is its own compiled program (the swapped function is what was
+    traced: the `einsum` variant has no materialised xᵀ, so fewer transposes) and every round times each."""
+    import bench_ab
+
+    model = pp.tiny_model()
+    program, lower = bench_ab.PROGRAMS["train"](model)
+    texts = {name: lower(name).compile().as_text() for name in ("base", "einsum")}
+    count = {name: text.count("jvp()/transpose") for name, text in texts.items()}
+    assert count["base"] > count["einsum"]
+    with pytest.raises(KeyError):
+        with bench_ab.variant("base+nosuch"):
+            pass
+    out = bench_ab.run(model, "ches", ["cache", "fused"], rounds=2)
+    assert set(out["variants"]) == {"cache", "fused"} and len(out["loads"]) == 2
+    assert out["variants"]["cache"]["round_ratios"] == [1.0, 1.0]
+    assert all(len(v["times"]) == 2 for v in out["variants"].values())

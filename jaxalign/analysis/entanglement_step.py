@@ -30,6 +30,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxalign import parallel
 from jaxalign.analysis import entanglement as ent
 
 
@@ -150,6 +151,11 @@ def step_geometry(split: StepSplit, leaves: Sequence[jax.Array], rest, batch: di
         dtype = jnp.result_type(jnp.float32, *[s.dtype for s in stats])
         return sum(s.astype(dtype) for s in stats)
 
+    # Each pair's factors on its own rows, their other axes whole: with the vocabulary tables split by
+    # rows (parallel.RULES) the unembedding's cotangents arrive split over fsdp × tensor while the pairs
+    # are split over data × fsdp, and XLA:CPU's partitioner then gave zero Gram stats to the pairs of the
+    # second data shard (tests/test_telemetry_mesh.py, mesh 2×2×2).
+    fac = jax.tree.map(lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), fac)
     stats = jax.vmap(pair_stats)(fac)
     grads = _batch_grads(plans, fac, coeffs, leaves)
     return StepGeometry(grads, fac.logps, coeffs, stats, aux)

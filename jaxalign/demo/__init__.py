@@ -19,8 +19,8 @@ by a judge (:func:`jaxalign.jobs.sample.sample_pairs`); with ``data``, a prefere
 4. **The report** (:mod:`jaxalign.demo.report`): ``report.md`` with PNG figures and ``report.html``.
 
 Modules: :mod:`jaxalign.demo.pipeline` (settings, steps, resume), :mod:`jaxalign.demo.answer_pairs` (the
-default pairs), :mod:`jaxalign.demo.report` (the
-numbers and the report). ``docs/demo.md`` describes the output.
+default pairs), :mod:`jaxalign.demo.report` (the numbers and the report), :mod:`jaxalign.demo.pooling`
+(several seeds' results pooled: ``jaxalign demo --seeds 0-5``). ``docs/demo.md`` describes the output.
 """
 
 from jaxalign.demo.pipeline import Settings, run_demo

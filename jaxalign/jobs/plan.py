@@ -251,7 +251,7 @@ def _train_program(model, run, shapes: Shapes, mesh) -> Program:
     from jaxalign.train import step as step_lib
 
     spec = step_lib.Objective.from_config(run.loss, shared_prompt=run.data.shared_prompt,
-                                                  grad_accum=run.train.grad_accum)
+                                                  fused_pairs=run.data.fused_pairs, grad_accum=run.train.grad_accum)
     from flax import nnx
 
     from jaxalign.models import lora
@@ -780,7 +780,7 @@ def _options(job: str, run, prog: Program) -> dict[str, Any]:
     if job == "train":
         out.update(loss=run.loss.name, optimizer=run.optim.name, grad_accum=run.train.grad_accum,
                    reference=run.loss.reference, shared_prompt=run.data.shared_prompt,
-                   constrain_activations=run.mesh.constrain_activations)
+                   fused_pairs=run.data.fused_pairs, constrain_activations=run.mesh.constrain_activations)
     if run.lora.enabled:
         out.update(lora_target=run.lora.target, lora_r=run.lora.r)
     out.update(prog.info)
@@ -812,6 +812,8 @@ def overrides_of(p: Mapping[str, Any]) -> list[str]:
         out.append(f"train.grad_accum={p['options']['grad_accum']}")
         if not p["options"].get("constrain_activations", True):
             out.append("mesh.constrain_activations=false")
+        if p["options"].get("fused_pairs"):
+            out.append("data.fused_pairs=true")
     return out
 
 

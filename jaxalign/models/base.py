@@ -13,16 +13,22 @@ The calling convention of every model (``model(input_ids_BT, attention_mask_BT, 
   attend over all ``S`` slots. The shared-prompt trick: run the prompt ``[B, Tp]`` into a cache sized
   ``Tp + Tr``, ``cache.repeat(2)``, then run chosen and rejected responses ``[2B, Tr]`` against it.
   Generation uses the same path one token at a time.
+* Branches (``branch_BT``, no cache): one row ``[trunk | branch 1 | branch 2 …]`` whose branches each
+  continue the trunk without seeing each other (:func:`branch_positions`): the shared-prompt pair in one
+  pass, ``[prompt | chosen | rejected]``, with no cache written or tiled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.custom_derivatives import SymbolicZero
 
 from jaxalign import parallel
 from jaxalign.errors import ModelError
@@ -121,15 +127,36 @@ def positions_from_mask(attention_mask_BT: jax.Array, offset_B: jax.Array | None
 def attention_mask_BTS(q_pos_BT, k_pos_BS, q_valid_BT, k_valid_BS, sliding_window: int | None = None):
     """Boolean ``[B, T, S]``: valid keys at positions ``<=`` the query's (and within the window).
 
-    A padding query attends to the first valid key only, so no softmax row is empty (no NaN gradients);
-    its output is never used.
+    ``k_valid`` is ``[B, S]``, or ``[B, T, S]`` when validity depends on the query (branches:
+    :func:`branch_positions`). A padding query attends to the first valid key only, so no softmax row is
+    empty (no NaN gradients); its output is never used.
     """
-    allowed = (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]) & k_valid_BS[:, None, :]
+    k_valid_BTS = k_valid_BS[:, None, :] if k_valid_BS.ndim == 2 else k_valid_BS
+    allowed = (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]) & k_valid_BTS
     if sliding_window is not None:
         allowed &= (q_pos_BT[:, :, None] - k_pos_BS[:, None, :]) < sliding_window
     q_valid = q_valid_BT.astype(bool)[:, :, None]
-    first_key_BS = jax.nn.one_hot(jnp.argmax(k_valid_BS, axis=-1), k_valid_BS.shape[-1], dtype=bool)
-    return jnp.where(q_valid, allowed, first_key_BS[:, None, :])
+    first_key = jax.nn.one_hot(jnp.argmax(k_valid_BTS, axis=-1), k_valid_BS.shape[-1], dtype=bool)
+    return jnp.where(q_valid, allowed, first_key)
+
+
+def branch_positions(attention_mask_BT: jax.Array, branch_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Positions ``[B, T]`` and key visibility ``[B, T, S=T]`` of a row holding a shared trunk and branches.
+
+    ``branch_BT`` (any integer shape broadcastable to ``[B, T]``): 0 marks the trunk (e.g. a prompt), ``k > 0``
+    branch ``k`` (e.g. one response). A token sees the trunk's valid tokens and its own branch's, never
+    another branch's; its position counts the valid tokens it sees before it, as
+    :func:`positions_from_mask` does for a plain row. So with the trunk first, each branch is computed
+    exactly as the row ``[trunk | branch]`` alone would be (and as a branch continuing the trunk's cache).
+    """
+    valid_BT = attention_mask_BT.astype(bool)
+    branch_BT = jnp.broadcast_to(branch_BT, valid_BT.shape)
+    q_br, k_br = branch_BT[:, :, None], branch_BT[:, None, :]
+    visible_BTS = ((k_br == 0) | (k_br == q_br)) & valid_BT[:, None, :]
+    T = valid_BT.shape[1]
+    seen_BT = jnp.sum(visible_BTS & jnp.tril(jnp.ones((T, T), bool)), axis=-1, dtype=jnp.int32)
+    positions_BT = jnp.where(valid_BT, jnp.maximum(seen_BT - 1, 0), seen_BT)
+    return positions_BT, visible_BTS
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array, *,
@@ -351,6 +378,74 @@ def _param(rngs, init, shape, axes, param_dtype):
     return nnx.Param(init(rngs.params(), shape, param_dtype), logical_axes=tuple(axes))
 
 
+def _row_split(equation: str) -> int | None:
+    """For ``"<batch><k>,<k><out>-><batch><out>"`` (the input's trailing dims contracted with the kernel's
+    leading ones, e.g. ``"BTNH,NHD->BTD"``) the number of contracted dims; else ``None``."""
+    ins, out = equation.split("->")
+    x_sub, k_sub = ins.split(",")
+    for n in range(min(len(x_sub), len(k_sub)), 0, -1):
+        if x_sub[-n:] == k_sub[:n] and out == x_sub[:-n] + k_sub[n:]:
+            return n
+    return None
+
+
+@jax.custom_jvp
+def rows_matmul(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
+    """``x @ w`` whose kernel gradient is ``xᵀ @ dy`` with ``xᵀ`` materialised once (row layout).
+
+    Without it XLA:CPU forms the kernel gradient ``dot(x, dy)`` over the rows by writing ``dy``
+    transposed, inside the elementwise fusion that produces ``dy`` (e.g. SiLU's backward), at several
+    times the cost of a row-major write; ``xᵀ`` ``[K, M]`` is written once and shared by every kernel
+    reading the same input (gate and up, q/k/v). It paid off for every projection of the train step, the
+    down projection (``K`` > ``N``) included (docs/benchmarks.md, "Changes tried"). Same numbers up to
+    rounding; forward-mode and higher derivatives work (a ``custom_jvp``).
+    """
+    return x_MK @ w_KN
+
+
+def _rows_matmul_jvp(primals, tangents):
+    x_MK, w_KN = primals
+    dx_MK, dw_KN = tangents
+    y_MN = x_MK @ w_KN
+    terms = []  # symbolic zeros skipped: no xᵀ where the kernel is not differentiated
+    if not isinstance(dx_MK, SymbolicZero):
+        terms.append(dx_MK @ w_KN)
+    if not isinstance(dw_KN, SymbolicZero):
+        xT_KM = jax.lax.optimization_barrier(x_MK.T)  # kept as a transposed copy (not folded into the dot)
+        terms.append(xT_KM.T @ dw_KN)
+    return y_MN, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y_MN)
+
+
+rows_matmul.defjvp(_rows_matmul_jvp, symbolic_zeros=True)
+
+
+_ROWS_MATMUL = contextvars.ContextVar("rows_matmul", default=True)
+
+
+@contextlib.contextmanager
+def plain_projections():
+    """Trace :func:`contract` as plain einsums, without :func:`rows_matmul`. The per-pair telemetry step
+    differentiates each pair's factors rather than only the kernels, and there the row-layout copy of
+    every layer input costs more than it saves (1.10× its time on CPU, docs/benchmarks.md)."""
+    token = _ROWS_MATMUL.set(False)
+    try:
+        yield
+    finally:
+        _ROWS_MATMUL.reset(token)
+
+
+def contract(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``einsum(equation, x, kernel)``; on CPU a row-batched matmul goes through :func:`rows_matmul`
+    (accelerators' matmuls take transposed operands as they are: plain einsum there), except inside
+    :func:`plain_projections`."""
+    n = _row_split(equation)
+    if n is None or jax.default_backend() != "cpu" or not _ROWS_MATMUL.get():
+        return jnp.einsum(equation, x, kernel)
+    lead, k_shape, out_shape = x.shape[:x.ndim - n], kernel.shape[:n], kernel.shape[n:]
+    y = rows_matmul(x.reshape(-1, math.prod(k_shape)), kernel.reshape(math.prod(k_shape), -1))
+    return y.reshape(*lead, *out_shape)
+
+
 class Einsum(nnx.Module):
     """``y = einsum(equation, x, kernel) + bias``: a linear map whose kernel keeps the head dims apart.
 
@@ -368,7 +463,7 @@ class Einsum(nnx.Module):
         self.lora = nnx.data(None)  # a jaxalign.models.lora.LoRA adapter, added by lora.apply
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = contract(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None and self.lora.enabled:
@@ -436,8 +531,8 @@ class LayerNorm(nnx.Module):
 
 def unembed(hidden_BTD: jax.Array, table_VD: jax.Array, softcap: float | None = None) -> jax.Array:
     """Logits ``[B, T, V]`` float32 = ``hidden · tableᵀ`` (float32 accumulation), maybe soft-capped."""
-    logits_BTV = parallel.constrain(jnp.einsum("BTD,VD->BTV", hidden_BTD, table_VD.astype(hidden_BTD.dtype),
-                                               preferred_element_type=jnp.float32), parallel.ACT_BTV)
+    logits_BTV = parallel.constrain_logits(jnp.einsum("BTD,VD->BTV", hidden_BTD, table_VD.astype(hidden_BTD.dtype),
+                                                      preferred_element_type=jnp.float32))
     if softcap is not None:
         logits_BTV = softcap * jnp.tanh(logits_BTV / softcap)
     return logits_BTV
@@ -470,10 +565,17 @@ class DecoderLM(nnx.Module):
                                      cfg.hidden_size), param_dtype), logical_axes=("vocab", "embed"))
 
     @staticmethod
-    def call_positions(attention_mask_BT: jax.Array, cache: KVCache | None):
+    def call_positions(attention_mask_BT: jax.Array, cache: KVCache | None, branch_BT: jax.Array | None = None):
         """Positions ``[B, T]`` of this call's tokens, their validity, the keys' positions and validity
-        ``[B, S]`` (this call's tokens, or the cache's slots), and the cache holding this call's tokens."""
+        ``[B, S]`` (this call's tokens, or the cache's slots), and the cache holding this call's tokens.
+
+        With ``branch_BT`` (no cache) the keys' validity is ``[B, T, S]``: :func:`branch_positions`."""
         valid_BT = attention_mask_BT.astype(bool)
+        if branch_BT is not None:
+            if cache is not None:
+                raise ModelError("branch_BT and a cache cannot be combined")
+            positions_BT, visible_BTS = branch_positions(attention_mask_BT, branch_BT)
+            return positions_BT, valid_BT, positions_BT, visible_BTS, None
         if cache is None:
             positions_BT = positions_from_mask(attention_mask_BT)
             return positions_BT, valid_BT, positions_BT, valid_BT, None

@@ -69,6 +69,7 @@ class DataConfig:
     max_length: int | None = None  # truncate prompt+response to this many tokens (None: no truncation)
     max_prompt_length: int | None = None
     shared_prompt: bool = True     # run each prompt once (pairs.pair_forward) instead of twice
+    fused_pairs: bool = False      # with shared_prompt: prompt and both responses in one pass, no KV cache (docs/scale.md)
     shuffle: bool = True           # reshuffle the pairs every epoch (seeded by train.seed)
     limit: int | None = None       # use only the first N training pairs
     format: str | None = None      # data-set format of train/eval/probe (jaxalign data list); None: detected
@@ -266,6 +267,8 @@ def stop_rule(train: TrainConfig) -> tuple[int, float] | None:
 
 def _validate_telemetry(cfg: RunConfig) -> None:
     stop_rule(cfg.train)
+    if cfg.data.fused_pairs and not cfg.data.shared_prompt:
+        raise ConfigError("data.fused_pairs: true needs data.shared_prompt: true (it is a way of sharing the prompt)")
     if cfg.telemetry.pairs and not cfg.data.shared_prompt:
         raise ConfigError("telemetry.pairs: needs data.shared_prompt: true (the step's pass runs each "
                           "prompt once)")

@@ -407,7 +407,7 @@ def _checks(cfg: RunConfig, resume: bool) -> tuple[Any, int, step_lib.Objective]
     mesh = make_run_mesh(cfg.mesh)
     micro = _batch_size_check(cfg, mesh)
     spec = step_lib.Objective.from_config(cfg.loss, shared_prompt=cfg.data.shared_prompt,
-                                          grad_accum=cfg.train.grad_accum)
+                                          fused_pairs=cfg.data.fused_pairs, grad_accum=cfg.train.grad_accum)
     spec = dataclasses.replace(spec, pair_outputs=True, telemetry=cfg.telemetry.pairs,  # telemetry.py
                                telemetry_params=cfg.telemetry.params)
     for m in pair_rules.parse_mitigations(cfg.mitigations):

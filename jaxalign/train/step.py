@@ -34,6 +34,7 @@ import optax
 
 from jaxalign import losses, pairs, parallel
 from jaxalign.models import lora
+from jaxalign.models.base import plain_projections
 from jaxalign.models.parts import ModelParts  # noqa: F401  (re-exported: the trainer's model split)
 from jaxalign.analysis import ches
 from jaxalign.analysis import entanglement as ent
@@ -74,6 +75,8 @@ class Objective:
       options: the loss options as sorted ``(key, value)`` pairs.
       sft_coeff: weight of ``mean(−s_w)`` (Razin et al.'s SFT regulariser; summed log-probs).
       shared_prompt: pair_forward (True) or full rows (False).
+      fused_pairs: with ``shared_prompt``, pair_forward's one pass over ``[prompt | chosen | rejected]``
+        rows instead of the prompt's KV cache (equal numbers; ``data.fused_pairs``).
       grad_accum: micro-batches per step, ``A``.
       chunk_size: sequence chunk of the log-softmax.
       pair_outputs: the step also returns the per-pair ``pairs`` arrays (:func:`train_step`).
@@ -88,6 +91,7 @@ class Objective:
     options: tuple[tuple[str, Any], ...] = ()
     sft_coeff: float = 0.0
     shared_prompt: bool = True
+    fused_pairs: bool = False
     grad_accum: int = 1
     chunk_size: int | None = 128
     pair_outputs: bool = False
@@ -99,7 +103,8 @@ class Objective:
         return any("ref_chosen_logps" in losses.REGISTRY[n].inputs for n in self.names)
 
     @classmethod
-    def from_config(cls, loss_cfg, *, shared_prompt: bool = True, grad_accum: int = 1) -> "Objective":
+    def from_config(cls, loss_cfg, *, shared_prompt: bool = True, fused_pairs: bool = False,
+                    grad_accum: int = 1) -> "Objective":
         from jaxalign.train.config import loss_terms
 
         terms = loss_terms(loss_cfg)
@@ -118,7 +123,7 @@ class Objective:
         weights = None if isinstance(loss_cfg.name, str) else tuple(t[1] for t in terms)
         spec = cls(names=names, weights=weights, beta=float(loss_cfg.beta),
                    options=tuple(sorted(options.items())), sft_coeff=float(loss_cfg.sft_coeff),
-                   shared_prompt=shared_prompt, grad_accum=grad_accum)
+                   shared_prompt=shared_prompt, fused_pairs=fused_pairs, grad_accum=grad_accum)
         spec.check()
         return spec
 
@@ -136,11 +141,12 @@ class Objective:
 
 # --- per-example log-probs ----------------------------------------------------------------------------
 
-def pair_logps(model, batch: dict, *, shared_prompt: bool = True, chunk_size: int | None = 128
-               ) -> dict[str, jax.Array]:
-    """``chosen_logps``, ``rejected_logps``, ``chosen_lengths``, ``rejected_lengths``, each ``[B]``."""
+def pair_logps(model, batch: dict, *, shared_prompt: bool = True, chunk_size: int | None = 128,
+               fused: bool = False) -> dict[str, jax.Array]:
+    """``chosen_logps``, ``rejected_logps``, ``chosen_lengths``, ``rejected_lengths``, each ``[B]``
+    (``fused``: the shared prompt's one-pass form, :func:`jaxalign.pairs.encode_pair`)."""
     if shared_prompt:
-        out = pairs.pair_forward(model, pairs.PairBatch.of(batch), chunk_size=chunk_size)
+        out = pairs.pair_forward(model, pairs.PairBatch.of(batch), chunk_size=chunk_size, fused=fused)
         return dict(chosen_logps=out.chosen_logps, rejected_logps=out.rejected_logps,
                     chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths)
     # Unshared: rows [prompt | response] (padding on the left of the prompt and/or inside is fine: the
@@ -229,7 +235,7 @@ def _with_reference(parts: ModelParts, ref_params, batch: dict, spec: Objective,
     if ref_params is None:
         return batch
     ref = pair_logps(parts.merge(ref_params, rest), batch, shared_prompt=spec.shared_prompt,
-                     chunk_size=spec.chunk_size)
+                     chunk_size=spec.chunk_size, fused=spec.fused_pairs)
     return dict(batch, ref_chosen_logps=jax.lax.stop_gradient(ref["chosen_logps"]),
                 ref_rejected_logps=jax.lax.stop_gradient(ref["rejected_logps"]))
 
@@ -237,7 +243,8 @@ def _with_reference(parts: ModelParts, ref_params, batch: dict, spec: Objective,
 def loss_fn(params, batch: dict, *, parts: ModelParts, spec: Objective, rest=None):
     """``(loss, metrics)`` of one micro-batch: a function of the parameters (for ``jax.grad``)."""
     model = parts.merge(params, rest)
-    lp = pair_logps(model, batch, shared_prompt=spec.shared_prompt, chunk_size=spec.chunk_size)
+    lp = pair_logps(model, batch, shared_prompt=spec.shared_prompt, chunk_size=spec.chunk_size,
+                    fused=spec.fused_pairs)
     loss, metrics = weighted_objective(spec, lp, batch)
     if spec.pair_outputs:
         metrics = dict(metrics, pairs=pair_record(spec, lp, batch, pair_coeffs(spec, lp, batch)))
@@ -308,7 +315,8 @@ def telemetry_grads(params, batch: dict, *, parts: ModelParts, spec: Objective, 
 
     split = ent_step.StepSplit(lambda d, r: parts.merge(jax.tree.unflatten(treedef, d), r))
     # `rest` of the trainer and the parts' own graph state both ride in the merge's `rest` argument
-    geo = ent_step.step_geometry(split, leaves, rest, batch, coeffs_fn, selected)
+    with plain_projections():  # rows_matmul slows this program down (docs/benchmarks.md)
+        geo = ent_step.step_geometry(split, leaves, rest, batch, coeffs_fn, selected)
     metrics, record = geo.aux
     sq_w, sq_l, dot = geo.stats[:, 0], geo.stats[:, 1], geo.stats[:, 2]
     _, _, case = ent.predict(sq_w, sq_l, dot, -geo.coeffs[:, 0], geo.coeffs[:, 1])
@@ -365,7 +373,8 @@ def eval_step(params, batch: dict, rest, ref_params, *, parts: ModelParts, spec:
     """Metrics of a batch without updating (eval), and the per-example log-probs (probe/ledger)."""
     batch = _with_reference(parts, ref_params, batch, spec, rest)
     model = parts.merge(params, rest)
-    lp = pair_logps(model, batch, shared_prompt=spec.shared_prompt, chunk_size=spec.chunk_size)
+    lp = pair_logps(model, batch, shared_prompt=spec.shared_prompt, chunk_size=spec.chunk_size,
+                    fused=spec.fused_pairs)
     _, metrics = weighted_objective(spec, lp, batch)
     return metrics, {k: lp[k] for k in ("chosen_logps", "rejected_logps")}
 
