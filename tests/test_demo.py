@@ -148,6 +148,8 @@ def test_quick_demo_writes_the_report_with_the_measured_numbers(demo_run):
         significant = abs(d_mean[name]) > 2 * se_of[name]
         cell = _row(md, f"the {'highest' if name == 'high' else 'lowest'}-LN-CHES subset's mean log π(y+) {claim}")[2]
         assert ("beyond 2 s.e. of zero" in cell) == significant and ("not significant" in cell) != significant
+    # the pointer to the pooled demo appears exactly when the highest subset's change is within its noise
+    assert ("One run cannot tell" in md) == (abs(d_mean["high"]) <= 2 * se_of["high"])
     fell = {name: int(round(float(_row(md, labels[name])[8]) * int(_row(md, labels[name])[1]))) for name in d_mean}
     assert _row(md, "the highest-LN-CHES subset's mean log π(y+) falls")[2].endswith(
         f"y+ fell for {fell['high']} of {len(high)} pairs")

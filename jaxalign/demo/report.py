@@ -279,6 +279,12 @@ def _mitigation_section(rep, c: dict) -> None:
     rep.section("What this run shows")
     rep.table(["claim", "holds in this run", "measured"],
               [[claim, "yes" if ok else "**no**", numbers] for claim, ok, numbers in _verdicts(m)])
+    high = m["subsets"]["high"]
+    if abs(high["d_chosen_mean"]) <= 2 * high["d_chosen_se"]:
+        rep.text("One run cannot tell the highest-LN-CHES subset's change from zero here. `jaxalign demo "
+                 "--seeds 0-5` (with these options; `--full` for the defaults) repeats the demo with six "
+                 "seeds and pools them into `pooled.md`: a t-test over the seeds and the pairs' standard error "
+                 "(docs/demo.md).")
     if "filtered" not in m["subsets"]:
         return
     fi, sf = m["subsets"]["filtered"], m["subsets"]["sft"]
