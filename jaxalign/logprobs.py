@@ -16,6 +16,8 @@ come from hidden states each chunk's logits are recomputed in the backward pass 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import jax
@@ -54,10 +56,31 @@ def response_mask(attention_mask_BT: jax.Array, prompt_lengths_B: jax.Array) -> 
     return jnp.concatenate([is_response_token[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
 
 
+_SELECT_PICK = contextvars.ContextVar("select_pick", default=False)
+
+
+@contextlib.contextmanager
+def select_targets(enabled: bool = True):
+    """Trace the target logit's pick as a masked sum over the vocabulary (``where(v == target, logit,
+    0)`` summed: the same float32 value, only zeros added) instead of a gather. libtpu 0.0.42.1's
+    compiler aborts on the gather's lowering inside the per-pair gradient programs of ``jaxalign
+    entangle`` (exact and Gram methods; docs/plan.md, Known problems), which enter this context with
+    ``enabled`` true when they are traced for a TPU (the extra vocabulary-wide pass is not paid elsewhere)."""
+    token = _SELECT_PICK.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _SELECT_PICK.reset(token)
+
+
 def _target_logprobs_dense(logits_BCV: jax.Array, targets_BC: jax.Array) -> jax.Array:
     logits = logits_BCV.astype(jnp.float32)
     lse_BC = jax.nn.logsumexp(logits, axis=-1)
-    target_BC = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
+    if _SELECT_PICK.get():
+        hit_BCV = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets_BC[..., None]
+        target_BC = jnp.sum(jnp.where(hit_BCV, logits, 0.0), axis=-1)
+    else:
+        target_BC = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
     return target_BC - lse_BC
 
 

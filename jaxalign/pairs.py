@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import logprobs
+from jaxalign import logprobs, parallel
 
 #: The six arrays of a pair batch as plain mapping keys (host batches, shardings, checkpoints).
 KEYS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
@@ -182,9 +182,11 @@ def summed_logprobs(model, h_prompt_last_ND: jax.Array, h_NRD: jax.Array, ids_NR
 
     Token ``k`` is predicted by the hidden state before it (the prompt's last for ``k = 0``), so the
     ``R`` predicting states ``[h_last, h_0 … h_{R−2}]`` go through one unembedding (the last response
-    position predicts nothing and is skipped): what :func:`response_logprobs` gives, in one pass.
+    position predicts nothing and is skipped): what :func:`response_logprobs` gives, in one pass. ``h_NRD``
+    may hold all ``R`` positions or only the first ``R − 1`` (:func:`run_length`).
     """
-    h_in_NRD = jnp.concatenate([h_prompt_last_ND[:, None].astype(h_NRD.dtype), h_NRD[:, :-1]], axis=1)
+    h_in_NRD = jnp.concatenate([h_prompt_last_ND[:, None].astype(h_NRD.dtype), h_NRD[:, :ids_NR.shape[1] - 1]],
+                               axis=1)
     lp_NR = logprobs.token_logprobs_from_hidden(h_in_NRD, ids_NR, model.logits, chunk_size=chunk_size)
     counted_NR = mask_NR.astype(bool).at[:, 0].set(True)
     return jnp.sum(jnp.where(counted_NR, lp_NR, 0.0), axis=1)
@@ -194,6 +196,32 @@ def next_token_mask(mask_NR: jax.Array) -> jax.Array:
     """``[N, R]`` bool: response position ``j`` predicts a token (token ``j + 1`` exists)."""
     mask_NR = mask_NR.astype(bool)
     return jnp.concatenate([mask_NR[:, 1:], jnp.zeros_like(mask_NR[:, :1])], axis=1)
+
+
+def run_length(R: int) -> int:
+    """How many response positions :func:`pair_forward` runs through the model for responses padded to
+    ``R``: ``R − 1``. The last position's hidden state predicts no token (it is never a log-prob's input
+    nor a summed CHES position), and causal attention keeps it out of the others; an ``R`` of 1 runs as is."""
+    return R - 1 if R > 1 else R
+
+
+def fused_pays(P: int, R: int) -> bool:
+    """Whether ``pair_forward(fused=True)`` is the faster forward pass for prompts padded to ``P`` and
+    responses to ``R``: on CPU, when the responses are short beside the prompt (``8·run_length(R) ≤ P``).
+
+    Measured with ``scripts/bench_ab.py --program ches`` on SmolLM2-135M (docs/benchmarks.md, "Changes
+    tried (issue 20, session 7)"): 0.93–0.98× the cache path's time at ``P = 56, R = 4``, 1.02× at
+    ``P = 64, R = 12``, 1.11× at ``P = 64, R = 64`` (the fused attention scores the masked chosen ×
+    rejected block). Not measured on accelerators: ``False`` there.
+    """
+    return parallel.target_platform() == "cpu" and 8 * run_length(R) <= P
+
+
+def _leading_columns(pb: PairBatch, R: int) -> PairBatch:
+    """``pb`` with the responses cut to their first ``R`` columns."""
+    return dataclasses.replace(pb, chosen_ids_BR=pb.chosen_ids_BR[:, :R], chosen_mask_BR=pb.chosen_mask_BR[:, :R],
+                               rejected_ids_BR=pb.rejected_ids_BR[:, :R],
+                               rejected_mask_BR=pb.rejected_mask_BR[:, :R])
 
 
 def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, chunk_size: int | None = 128,
@@ -222,12 +250,13 @@ def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, c
     want_layers = hidden_sums and layer is not None
     ids_2BR, mask_2BR = pb.responses_2BR()
     mask_2BR = mask_2BR.astype(bool)
+    run = _leading_columns(pb, run_length(ids_2BR.shape[1]))
     if fused:
-        prompt, resp_out = encode_pair(model, pb, layer_hidden=want_layers)
+        prompt, resp_out = encode_pair(model, run, layer_hidden=want_layers)
     else:
-        prompt = encode_prompt(model, pb.prompt_ids_BP, pb.prompt_mask_BP,
-                               response_length=pb.chosen_ids_BR.shape[1], layer_hidden=want_layers)
-        resp_out = continue_responses(model, prompt, ids_2BR, mask_2BR, layer_hidden=want_layers)
+        prompt = encode_prompt(model, run.prompt_ids_BP, run.prompt_mask_BP,
+                               response_length=run.chosen_ids_BR.shape[1], layer_hidden=want_layers)
+        resp_out = continue_responses(model, prompt, *run.responses_2BR(), layer_hidden=want_layers)
     h_last_BD = prompt.last_hidden()
     pos_mask_2BR = next_token_mask(mask_2BR)
     lengths_2B = jnp.sum(mask_2BR, axis=1).astype(jnp.int32)
@@ -247,10 +276,11 @@ def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, c
 
 
 def _hidden_sums(h_2BRD, h_last_2BD, pos_mask_2BR, lengths_2B, B: int) -> dict[str, jax.Array]:
-    """``S(y)`` and the last summed position's hidden state of both responses, float32."""
+    """``S(y)`` and the last summed position's hidden state of both responses, float32 (``h_2BRD`` may
+    lack the last response position, which is never summed)."""
     h32 = h_2BRD.astype(jnp.float32)
     h_last32 = h_last_2BD.astype(jnp.float32)
-    sums_2BD = h_last32 + jnp.einsum("BR,BRD->BD", pos_mask_2BR.astype(h32.dtype), h32)
+    sums_2BD = h_last32 + jnp.einsum("BR,BRD->BD", pos_mask_2BR[:, :h32.shape[1]].astype(h32.dtype), h32)
     # The last summed position: the last prompt token when the response is EOS alone.
     last_idx = lengths_2B - 2
     last_2BD = jnp.where((last_idx >= 0)[:, None], take_rows(h32, jnp.maximum(last_idx, 0)), h_last32)

@@ -39,6 +39,7 @@ RULES: Mapping[str, Any] = {
     "qkv": None,
     "norm": None,
     "positions": None,
+    "layers": None,  # the leading axis of blocks stacked for a scan over layers (model.scan_layers)
     "lora_rank": None,  # LoRA's A [in…, r] and B [r, out…] shard their other axes like the kernel
     "expert": "expert",  # MoE kernels [E, …] and router [D, E]: experts split over the expert axis
 }
@@ -124,6 +125,29 @@ ACT_BTV = ("batch_data", None, "vocab")
 # Logits when the vocabulary does not divide over fsdp × tensor (e.g. GPT-2's 50257): rows as every
 # activation, the tables split by D.
 ACT_BTV_ROWS = ("batch", None, "vocab")
+
+
+# The platform the program being traced is for, when it is not the host's: a TPU plan traces on a CPU host.
+_TARGET_PLATFORM = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str | None):
+    """Within the block, :func:`target_platform` is ``platform`` (``"tpu"``, ``"gpu"``, ``"cpu"``); ``None``
+    leaves it to JAX's default backend."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the one :func:`compiling_for` names, else JAX's
+    default backend. Trace-time choices made for one backend (XLA:CPU's kernel layouts, libtpu
+    workarounds) ask this rather than ``jax.default_backend()``, so that ``jaxalign plan`` compiles for a
+    TPU what a TPU would run."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 # Whether :func:`constrain` places the activations (``mesh.constrain_activations`` of a run). Off, XLA's

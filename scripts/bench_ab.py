@@ -9,11 +9,13 @@ function), so memory is one state plus one step's temporaries.
 
 Programs (SmolLM2-135M-Instruct float32 unless ``--model``/``--tiny``; the shapes of
 ``scripts/profile_programs.py``): ``train`` — the DPO step (sigmoid, AdamW, cached reference, shared
-prompt; 8 pairs of 96 + 32 tokens); ``telemetry`` — the same step with ``telemetry.pairs: true``;
+prompt; 8 pairs of 96 + 32 tokens); ``train-sgd`` — the same with SGD (no moment estimates: 1.1 GB less
+memory); ``telemetry`` (``telemetry-sgd``) — the same step with ``telemetry.pairs: true``;
 ``ches`` — the CHES scorer (16 pairs, 56 + 4 tokens).
 
     python scripts/bench_ab.py --program train --variants cache,fused --rounds 6
     python scripts/bench_ab.py --program train --variants einsum,base --profile   # profile_programs' tables
+    python scripts/bench_ab.py --program ches --variants cache,fused --shape 8,64,64   # other shapes
     python scripts/bench_ab.py --tiny --rounds 2          # seconds: a 2-layer random Llama
 
 Prints each variant's median and every round's ratio to the first variant, with the 1-minute load average;
@@ -47,10 +49,20 @@ def _patched(module, name: str, value):
 
 
 def _pair_forward_with(**kw):
-    """``pairs.pair_forward`` with keyword defaults ``kw`` while tracing."""
+    """``pairs.pair_forward`` with the keywords ``kw`` forced while tracing (over the caller's own: the train
+    step and the CHES scorer pass ``fused`` themselves)."""
     from jaxalign import pairs
 
-    return _patched(pairs, "pair_forward", functools.partial(pairs.pair_forward, **kw))
+    original = pairs.pair_forward
+    return _patched(pairs, "pair_forward", lambda *a, **k: original(*a, **{**k, **kw}))
+
+
+def _all_response_columns():
+    """``pairs.run_length`` as before issue 20 session 7: the responses run with their last position, whose
+    hidden state predicts nothing."""
+    from jaxalign import pairs
+
+    return _patched(pairs, "run_length", lambda R: R)
 
 
 def _first_token_apart():
@@ -61,6 +73,8 @@ def _first_token_apart():
     from jaxalign import pairs
 
     def summed(model, h_last_ND, h_NRD, ids_NR, mask_NR, *, chunk_size=128):
+        if h_NRD.shape[1] < ids_NR.shape[1]:  # without `eos`: the last position, masked below, as zeros
+            h_NRD = jnp.concatenate([h_NRD, jnp.zeros_like(h_NRD[:, :1])], axis=1)
         first_N, next_NR = pairs.response_logprobs(model, h_last_ND, h_NRD, ids_NR, chunk_size=chunk_size)
         return first_N + jnp.sum(jnp.where(pairs.next_token_mask(mask_NR), next_NR, 0.0), axis=1)
 
@@ -96,6 +110,50 @@ def _rows_matmul_narrow():
     return _patched(base, "contract", contract)
 
 
+def _attention_5d_einsums():
+    """``base.attention`` as before issue 20 session 7 on CPU: the grouped-query 5-D einsums in XLA's own
+    layout (now the accelerators' form; CPU moves the heads first, ``base._attention_head_major``)."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign.models import base
+
+    def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale=None, softcap=None):
+        B, T, N, H = q_BTNH.shape
+        K = k_BSKH.shape[2]
+        scale = 1.0 / math.sqrt(H) if scale is None else scale
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTNH.reshape(B, T, K, N // K, H),
+                            k_BSKH.astype(q_BTNH.dtype), preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            scores = softcap * jnp.tanh(scores / softcap)
+        probs = jax.nn.softmax(jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min), axis=-1)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
+        return out.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+    return _patched(base, "attention", attention)
+
+
+def _rope_per_element():
+    """``base.apply_rope`` as before issue 20 session 7: no barrier, so XLA re-evaluates ``cos``/``sin``
+    for every head element inside the consumer fusions."""
+    import jax.numpy as jnp
+
+    from jaxalign.models import base
+
+    def apply_rope(x_BTNH, positions_BT, inv_freq_F, attention_scaling=1.0):
+        rot = 2 * inv_freq_F.shape[0]
+        angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+        emb = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+        cos, sin = jnp.cos(emb) * attention_scaling, jnp.sin(emb) * attention_scaling
+        x_rot, x_pass = x_BTNH[..., :rot].astype(jnp.float32), x_BTNH[..., rot:]
+        out = x_rot * cos + base.rotate_half(x_rot) * sin
+        return jnp.concatenate([out.astype(x_BTNH.dtype), x_pass], axis=-1)
+
+    return _patched(base, "apply_rope", apply_rope)
+
+
 #: variant atom -> a context manager active while the program is traced; a variant is atoms joined by
 #: "+" (``cache+apart``), ``base`` the code as it is.
 VARIANTS = {
@@ -105,6 +163,9 @@ VARIANTS = {
     "apart": _first_token_apart,  # the first response token's log-prob by its own unembedding
     "einsum": _plain_einsum,  # the projections as plain einsums (no rows_matmul)
     "narrow": _rows_matmul_narrow,  # rows_matmul only where the input is no wider than the output
+    "eos": _all_response_columns,  # the responses' last position (it predicts nothing) run too
+    "attn5d": _attention_5d_einsums,  # attention as the 5-D grouped einsums, as before (CPU now: heads first)
+    "rope": _rope_per_element,  # RoPE's cos/sin re-evaluated per head element (no barrier), as before
 }
 
 
@@ -117,11 +178,12 @@ def variant(name: str):
         yield
 
 
-def _train_program(model, telemetry: bool = False):
-    """The train step's :class:`profile_programs.Program` and ``lower(name)`` for each variant."""
+def _train_program(model, shape: tuple[int, ...] = (), telemetry: bool = False, optimizer: str = "adamw"):
+    """The train step's :class:`profile_programs.Program` (``shape``: ``(B, P, R)`` or its default) and
+    ``lower(name)`` for each variant."""
     from jaxalign.train import step as step_lib
 
-    program = pp.train_program(model, telemetry=telemetry)
+    program = pp.train_program(model, *shape, telemetry=telemetry, optimizer=optimizer)
     lower, static = program.lower.func, program.lower.args[0]  # the jitted _train_step's lower, its statics
 
     def lower_variant(name):
@@ -133,15 +195,16 @@ def _train_program(model, telemetry: bool = False):
     return program, lower_variant
 
 
-def _ches_program(model):
-    """The CHES scorer's :class:`profile_programs.Program` and ``lower(name)`` for each variant."""
+def _ches_program(model, shape: tuple[int, ...] = ()):
+    """The CHES scorer's :class:`profile_programs.Program` (``shape`` as for the train step) and
+    ``lower(name)`` for each variant."""
     import jax
     from flax import nnx
 
     from jaxalign.analysis import ches
     from jaxalign.models import parts
 
-    program = pp.ches_program(model)
+    program = pp.ches_program(model, *shape)
     graphdef, _ = nnx.split(model)
 
     def lower_variant(name):
@@ -154,14 +217,16 @@ def _ches_program(model):
 
 
 PROGRAMS = {"train": _train_program, "telemetry": functools.partial(_train_program, telemetry=True),
+            "train-sgd": functools.partial(_train_program, optimizer="sgd"),  # 1.1 GB less: no moments
+            "telemetry-sgd": functools.partial(_train_program, telemetry=True, optimizer="sgd"),
             "ches": _ches_program}
 
 
-def run(model, program_name: str, names: list[str], rounds: int) -> dict:
+def run(model, program_name: str, names: list[str], rounds: int, shape: tuple[int, ...] = ()) -> dict:
     """Compiles every variant, warms each up once, then ``rounds`` interleaved rounds of one call each."""
     import jax
 
-    program, lower_variant = PROGRAMS[program_name](model)
+    program, lower_variant = PROGRAMS[program_name](model, shape)
     built = {}
     for name in names:
         t0 = time.perf_counter()
@@ -204,15 +269,15 @@ def run(model, program_name: str, names: list[str], rounds: int) -> dict:
     return dict(variants=result, loads=loads)
 
 
-def profile_variants(model, program_name: str, names: list[str]) -> dict:
+def profile_variants(model, program_name: str, names: list[str], shape: tuple[int, ...] = ()) -> dict:
     """:func:`profile_programs.profile` of each variant (one at a time: one program's memory)."""
-    program, lower_variant = PROGRAMS[program_name](model)
+    program, lower_variant = PROGRAMS[program_name](model, shape)
     out = {}
     for name in names:
         lowered = lower_variant(name)
         out[name] = pp.profile(program._replace(lower=lambda *_: lowered))
         if program.reuse_output:  # the profiled calls donated the state: continue from a fresh program
-            program, lower_variant = PROGRAMS[program_name](model)
+            program, lower_variant = PROGRAMS[program_name](model, shape)
     return out
 
 
@@ -224,27 +289,30 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="cache,fused", help=f"comma-separated, the first is the baseline; each "
                    f"one or more of {', '.join(VARIANTS)} joined by '+'")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--shape", default=None, help="B,P,R: pairs, prompt and response length (default: the "
+                   "program's shapes above)")
     p.add_argument("--profile", action="store_true", help="instead of timing, profile each variant "
                    "(scripts/profile_programs.py's tables, one row per variant)")
     p.add_argument("--record", type=Path, default=None, help="append the results as one JSON line here")
     args = p.parse_args(argv)
     names = args.variants.split(",")
+    shape = tuple(int(x) for x in args.shape.split(",")) if args.shape else ()
     unknown = [a for n in names for a in n.split("+") if a not in VARIANTS]
     if unknown or len(names) < 2:
         p.error(f"--variants: give two or more of {', '.join(VARIANTS)} (unknown: {', '.join(unknown) or '-'})")
     load_before = os.getloadavg()
     model, model_name = pp._load_model(args)
     if args.profile:
-        profiles = profile_variants(model, args.program, names)
+        profiles = profile_variants(model, args.program, names, shape)
         load_after = os.getloadavg()
         print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
         print("\n".join(pp.format_table(profiles, None)))
         if args.record:
-            settings = dict(model=model_name, program=args.program, variants=names, profile=True)
+            settings = dict(model=model_name, program=args.program, variants=names, profile=True, shape=shape)
             bench_record.append(args.record, "bench_ab.py", settings, dict(profiles=profiles),
                                 load_before=load_before, load_after=load_after)
         return
-    out = run(model, args.program, names, args.rounds)
+    out = run(model, args.program, names, args.rounds, shape)
     load_after = os.getloadavg()
     print(f"machine: {bench_record.cpu_name()}, {os.cpu_count()} CPUs; model {model_name}; program {args.program}; "
           f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}, per round "
@@ -254,7 +322,7 @@ def main(argv=None) -> None:
               f"({', '.join(f'{x:.3f}' for x in r['round_ratios'])}); XLA {r['gflop']:.1f} GFLOP, "
               f"temp {r['temp_mb']:.0f} MB")
     if args.record:
-        settings = dict(model=model_name, program=args.program, variants=names, rounds=args.rounds)
+        settings = dict(model=model_name, program=args.program, variants=names, rounds=args.rounds, shape=shape)
         bench_record.append(args.record, "bench_ab.py", settings, out, load_before=load_before,
                             load_after=load_after)
 

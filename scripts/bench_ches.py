@@ -9,8 +9,9 @@ one run:
 (b) ``batched``  — transformers on batches of ``B`` pairs in input order (``2B`` rows, chosen and
                    rejected, right-padded to the batch's longest row: a plain padding collator).
 (b') ``batched-sorted`` — the same on length-sorted batches (jaxalign's plan): a stronger baseline.
-(c) ``jaxalign`` — :func:`jaxalign.analysis.ches.make_scorer`: the prompt once per pair (KV cache), both
-                   responses continued from it, no logits, length-sorted bucketed batches, jit.
+(c) ``jaxalign`` — :func:`jaxalign.analysis.ches.make_scorer`: the prompt once per pair, both responses
+                   continuing it (one fused pass for short responses, else a KV cache), no logits,
+                   length-sorted bucketed batches, jit.
 
 It prints pairs/s, ratios, peak RSS, the agreement of the scores with (a), and the fraction of the CPU's
 measured float32 matmul rate each reaches (the forward FLOPs each method executes on real tokens / time /
@@ -243,7 +244,21 @@ def _timed(f) -> float:
     return time.perf_counter() - t
 
 
-def forward_flops(config: dict, tokens, method: str) -> float:
+def jaxalign_response_tokens(tokens, batch_size: int) -> np.ndarray:
+    """``[N, 2]`` real response tokens the jaxalign scorer runs per pair: its batches' responses run
+    without their last padded column (:func:`jaxalign.pairs.run_length`), so a response as long as its
+    batch's padded length runs without its EOS."""
+    from jaxalign.data.batch import bucket_length, plan_batches
+    from jaxalign.pairs import run_length
+
+    lengths = np.stack([tokens.chosen.lengths, tokens.rejected.lengths], axis=1)
+    out = np.zeros_like(lengths)
+    for rows in plan_batches(tokens.prompt.lengths, lengths.max(axis=1), batch_size):
+        out[rows] = np.minimum(lengths[rows], run_length(bucket_length(int(lengths[rows].max()), "jobs")))
+    return out
+
+
+def forward_flops(config: dict, tokens, method: str, batch_size: int) -> float:
     """Matmul FLOPs a method executes on real tokens (2 per multiply-add; attention over the causal
     context; the logits for the transformers methods)."""
     D, L, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
@@ -255,10 +270,11 @@ def forward_flops(config: dict, tokens, method: str) -> float:
     attn_per_ctx = 2 * 2 * L * N * H  # scores and weighted sum, per (query, key) pair
     logits = 2 * D * V
     total = 0.0
+    run = jaxalign_response_tokens(tokens, batch_size) if method == "jaxalign" else None
     for i in range(len(tokens)):
         P = len(tokens.prompt[i])
         if method == "jaxalign":
-            R = (len(tokens.chosen[i]), len(tokens.rejected[i]))
+            R = run[i]
             total += P * per_token + attn_per_ctx * P * (P + 1) / 2
             for r in R:
                 total += r * per_token + attn_per_ctx * sum(P + k + 1 for k in range(r))
@@ -330,7 +346,7 @@ def main() -> None:
     print(f"\n{'method':<14} {'pairs/s':>8} {'cold pairs/s':>12} {'peak RSS MB':>11} {'GFLOP/pair':>10} "
           f"{'GFLOP/s':>8} {'of matmul rate':>14}")
     for method, r in results.items():
-        fl = forward_flops(config, tokens, method)
+        fl = forward_flops(config, tokens, method, args.batch_size)
         gfs = fl / r["steady_s"] / 1e9
         r.update(pairs_per_s=r["pairs"] / r["steady_s"], gflop_per_pair=fl / r["pairs"] / 1e9, gflop_per_s=gfs,
                  fraction_of_rate=gfs / peak)

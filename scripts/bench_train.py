@@ -192,10 +192,14 @@ def main(argv=None) -> None:
     head = 2 * config["vocab_size"] * (config.get("hidden_size") or config["n_embd"]) * 2 * B * R
     # Both sides compute logits only where a response token is predicted (TRL's fused head, our
     # log-probs from hidden states): 2B·R positions. TRL's body runs the 2B full rows; jaxalign's the
-    # B prompts once plus 2B responses attending to them (the cross term is the R×P attention block).
+    # B prompts once plus 2B responses attending to them (the cross term is the R×P attention block),
+    # each response without its last position, which predicts nothing (jaxalign.pairs.run_length).
     fwd_rows = body(2 * B, T) + head
-    cross = (body(2 * B, T) - body(2 * B, R) - body(2 * B, P)) / 2
-    fwd_shared = body(B, P) + body(2 * B, R) + cross + head
+    from jaxalign.pairs import run_length
+
+    Rr = run_length(R)
+    cross = (body(2 * B, P + Rr) - body(2 * B, Rr) - body(2 * B, P)) / 2
+    fwd_shared = body(B, P) + body(2 * B, Rr) + cross + head
     # telemetry: the same useful work (its Gram products are overhead, shown as the time ratio)
     work = {"trl": 4 * fwd_rows, "jaxalign": 3 * fwd_shared, "jaxalign-online": 4 * fwd_shared,
             "jaxalign-telemetry": 3 * fwd_shared}

@@ -4,10 +4,13 @@
         model.dtype=bfloat16 mesh.data=1 mesh.fsdp=64 model.remat=full --topology v5p:4x4x4 \\
         --pairs 64 --layers 2 4 --out docs/plan/llama-3.1-70b_dpo_v5p-4x4x4_layers.json
 
-jaxalign's decoders run their blocks one after another in Python (no scan over layers), so the compiled
-train step holds one copy of the block's program per layer, and a host must compile all of them: the
-80-layer Llama-3.1-70B would need far more host memory and time than the 8B's 10 GB and 5–10 minutes.
-Every block is the same program, so each per-chip quantity of the compiled step (argument bytes,
+By default jaxalign's decoders run their blocks one after another in Python, so the compiled train step
+holds one copy of the block's program per layer, and a host must compile all of them: the 80-layer
+Llama-3.1-70B would need far more host memory and time than the 8B's 10 GB and 5–10 minutes. With
+``model.scan_layers=true`` (a scan over layers, :mod:`jaxalign.models.scan`) the program holds one block
+and the real depth compiles directly (``jaxalign plan`` or ``scripts/plan_presets.py``; docs/scale.md);
+this script takes that override too, and is then a check that a scanned plan's quantities grow as the
+unrolled ones do. Every block is the same program, so each per-chip quantity of the compiled step (argument bytes,
 temporaries, XLA's FLOPs and bytes accessed, every collective's bytes) is ``a + b·L`` in the layer count
 ``L`` as long as XLA schedules every layer alike. This script plans the model with ``--layers L1 L2``
 blocks (the rest of its config unchanged), fits the line through the two plans and evaluates it at the

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,13 +65,28 @@ ROWS = [
     _row("8b-ches-v5p-8", "Llama-3.1-8B", "ches", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"]),
     _row("8b-entangle-jvp-v5p-8", "Llama-3.1-8B", "entangle", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"],
          method="jvp"),
+    _row("8b-entangle-gram-v5p-8", "Llama-3.1-8B", "entangle", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"],
+         method="gram"),
     _row("8b-dpo-v5p-16-b32", "Llama-3.1-8B", "train", "v5p:2x2x2",
-         ["mesh.data=1", "mesh.fsdp=8", "model.remat=dots_with_no_batch_dims_saveable"], pairs=32),
+         ["mesh.data=1", "mesh.fsdp=8", "model.remat=dots_with_no_batch_dims_saveable", "model.scan_layers=true"],
+         pairs=32),
     _row("1b-dpo-v5e-16", "Llama-3.2-1B", "train", "v5e:4x4", ["mesh.data=4", "mesh.fsdp=4"], pairs=16),
-    _row("3b-dpo-v5e-16", "Llama-3.2-3B", "train", "v5e:4x4", ["mesh.data=1", "mesh.fsdp=16"], pairs=16),
-    _row("1b-dpo-v6e-16", "Llama-3.2-1B", "train", "v6e:4x4", ["mesh.data=4", "mesh.fsdp=4"], pairs=16),
+    _row("3b-dpo-v5e-16", "Llama-3.2-3B", "train", "v5e:4x4", ["mesh.data=1", "mesh.fsdp=16", "model.scan_layers=true"],
+         pairs=16),
+    _row("3b-dpo-v5e-16-full", "Llama-3.2-3B", "train", "v5e:4x4",
+         ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "model.scan_layers=true"], pairs=16),
+    _row("1b-dpo-v6e-16", "Llama-3.2-1B", "train", "v6e:4x4", ["mesh.data=4", "mesh.fsdp=4", "model.scan_layers=true"],
+         pairs=16),
     _row("70b-dpo-v5p-128", "Llama-3.1-70B", "train", "v5p:4x4x4",
-         ["mesh.data=1", "mesh.fsdp=64", "model.remat=full"], pairs=64),
+         ["mesh.data=1", "mesh.fsdp=64", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
+         pairs=64),
+    _row("8b-dpo-v5p-8-scan", "Llama-3.1-8B", "train", "v5p:2x2x1",
+         ["mesh.data=1", "mesh.fsdp=4", "model.scan_layers=true"]),
+    _row("8b-dpo-v5p-8-scan-dots", "Llama-3.1-8B", "train", "v5p:2x2x1",
+         ["mesh.data=1", "mesh.fsdp=4", "model.remat=dots_with_no_batch_dims_saveable", "model.scan_layers=true"]),
+    _row("8b-dpo-v5e-16-scan", "Llama-3.1-8B", "train", "v5e:4x4",
+         ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
+         pairs=16),
 ]
 
 
@@ -90,7 +106,7 @@ def host() -> dict:
             "load": list(os.getloadavg())}
 
 
-def command(row: dict, out: Path) -> list[str]:
+def command(row: dict, out: Path, hlo_dir: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-c", "import sys; from jaxalign.cli import main; sys.exit(main())", "plan",
            row["model"], *row["overrides"], "--job", row["job"], "--topology", row["topology"],
            "--pairs", str(row["pairs"]), "--prompt-len", str(row["prompt_len"]),
@@ -99,10 +115,12 @@ def command(row: dict, out: Path) -> list[str]:
         cmd += ["--method", row["method"]]
     if row["search"]:
         cmd += ["--search", "--max-compiles", str(row["search"])]
+    if hlo_dir is not None:
+        cmd += ["--hlo", str(hlo_dir / f"{row['id']}.hlo.txt")]
     return cmd
 
 
-def run_row(row: dict, timeout: float) -> dict:
+def run_row(row: dict, timeout: float, hlo_dir: Path | None = None) -> dict:
     """Plans one row in a child process; returns the raw line (``status`` ok, failed or timeout)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     entry = {"row": row, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host_before": host(),
@@ -111,11 +129,13 @@ def run_row(row: dict, timeout: float) -> dict:
         out = Path(tmp) / "plan.json"
         t0 = time.time()
         try:
-            proc = subprocess.run(command(row, out), env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(command(row, out, hlo_dir), env=env, capture_output=True, text=True, timeout=timeout)
             entry.update(returncode=proc.returncode, tail=(proc.stdout + proc.stderr)[-1500:])
         except subprocess.TimeoutExpired:
             entry.update(returncode=None, tail=f"timed out after {timeout:.0f} s")
         entry["wall_s"] = round(time.time() - t0, 1)
+        # peak resident memory of the largest child so far (the row's own compile when one row is planned)
+        entry["children_max_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
         entry["host_after"] = host()
         if out.exists():
             entry.update(status="ok", plan=json.loads(out.read_text()))
@@ -142,6 +162,7 @@ def _cell_config(p: dict) -> str:
     extra += f", {o['param_dtype']} params" if o.get("param_dtype") != "float32" else ""
     extra += ", activations unconstrained" if o.get("constrain_activations") is False else ""
     extra += ", fused pairs" if o.get("fused_pairs") else ""
+    extra += ", scanned layers" if o.get("scan_layers") else ""
     return (f"mesh {mesh}, remat {o['remat'] or 'none'}, grad_accum {o.get('grad_accum', 1)}, "
             f"{p['shapes']['pairs']} pairs{extra}")
 
@@ -194,6 +215,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true",
                     help="plan the --rows again even when done (after a code change; the new line wins)")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--hlo-dir", type=Path, help="also write each row's optimized HLO text here")
     args = ap.parse_args()
     known = {r["id"]: r for r in ROWS}
     unknown = [r for r in args.rows or () if r not in known]
@@ -205,7 +227,7 @@ def main() -> None:
             if done and not (args.force and args.rows) and (done["status"] == "ok" or not args.retry_failed):
                 continue
             print(f"{time.strftime('%H:%M:%S')} planning {row['id']}", flush=True)
-            entry = run_row(row, args.timeout)
+            entry = run_row(row, args.timeout, args.hlo_dir)
             args.raw.parent.mkdir(parents=True, exist_ok=True)
             with open(args.raw, "a") as f:
                 f.write(json.dumps(entry, default=str) + "\n")

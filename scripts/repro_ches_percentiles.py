@@ -1,4 +1,4 @@
-"""CHES percentiles (Razin et al., ICLR 2025, §5) with SmolLM2-135M.
+"""CHES percentiles (Razin et al., ICLR 2025, §5) with SmolLM2-135M (or Gemma-3-270M, ``--model gemma3-270m``).
 
 Scores a pool of preference pairs with CHES, LN-CHES and the paper's two baselines
 (``jaxalign.jobs.ches.run_ches``: −normalised edit distance, last-hidden inner product), takes
@@ -158,6 +158,7 @@ def main(argv=None) -> int:
                         "delta_logp_rejected": float(after["rejected"].mean() - sub_ref["rejected"].mean()),
                         "fraction_chosen_down": float(np.mean(after["chosen"] < sub_ref["chosen"])),
                         "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"], "steps": len(hist)}
+                    del params, after  # else the next run trains beside this copy (+1 GB on Gemma-3-270M)
                 d = done[(key, seed)]
                 row = {"measure": m, "quantile": q, "seed": seed, "pairs": len(key),
                        **{f"mean_{mm}": float(scores[mm][list(key)].mean()) for mm in MEASURES}, **d,

@@ -193,7 +193,12 @@ class PairTrainer:
     """
 
     def __init__(self, model, tokenizer, *, loss: dict, optim_cfg: dict, total_steps: int, batch_size: int,
-                 lengths: tuple[int, int]):
+                 lengths: tuple[int, int], chunk_size: int | None = None, grad_accum: int = 1):
+        """``chunk_size``: the log-softmax's sequence chunk (``None``: the library's default); a small one
+        bounds the ``[rows, chunk, vocabulary]`` logits (Gemma-3's 262k vocabulary at batch 32).
+        ``grad_accum``: micro-batches per step (``train.grad_accum``; the same step, less memory)."""
+        import dataclasses
+
         import jax
 
         from jaxalign.data import special_ids
@@ -203,7 +208,9 @@ class PairTrainer:
 
         self.parts, self.params0 = step_lib.ModelParts.split(model)
         self.rest = self.parts.rest
-        self.spec = step_lib.Objective.from_config(cfg_lib.LossConfig(**loss))
+        self.spec = step_lib.Objective.from_config(cfg_lib.LossConfig(**loss), grad_accum=grad_accum)
+        if chunk_size is not None:
+            self.spec = dataclasses.replace(self.spec, chunk_size=chunk_size)
         ocfg = cfg_lib.OptimConfig(**optim_cfg)
         self.optimizer = optim.make_optimizer(ocfg, total_steps)
         self.total_steps, self.batch_size, self.lengths = total_steps, batch_size, lengths
@@ -211,8 +218,8 @@ class PairTrainer:
             parts=self.parts, spec=self.spec, optimizer=self.optimizer,
             schedule=optim.make_schedule(ocfg, total_steps), state_shardings=None, batch_shardings=None,
             rest_shardings=None, ref_shardings=None, mesh=None)
-        parts = self.parts
-        self.logps_fn = jax.jit(lambda p, b, r: step_lib.logps_step(p, b, r, parts=parts))
+        parts, chunk = self.parts, self.spec.chunk_size
+        self.logps_fn = jax.jit(lambda p, b, r: step_lib.logps_step(p, b, r, parts=parts, chunk_size=chunk))
         _, self.pad_id = special_ids(tokenizer)
         self._step_lib = step_lib
 

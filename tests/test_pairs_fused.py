@@ -4,7 +4,10 @@
   those of the row ``[trunk | its branch]`` alone;
 * ``pair_forward(fused=True)`` (rows ``[prompt | chosen | rejected]``, responses as branches) equals the
   KV-cache path ``fused=False`` on several families (sliding windows and soft-capping included);
-* ``base.contract`` (``rows_matmul``) equals a float64 NumPy einsum in value and gradients.
+* ``base.contract`` (``rows_matmul``) equals a float64 NumPy einsum in value and gradients;
+* responses that fill their padded length (the EOS in the last column, which ``pair_forward`` does not run:
+  ``pairs.run_length``) give the full rows' log-probs, sums and gradients on both layouts, and the CHES
+  scorer's short-response layout (``pairs.fused_pays``) gives the full rows' scores.
 """
 
 import os
@@ -18,7 +21,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_tiny import make_tiny  # noqa: E402
-from test_pairs import _examples, _shared_batch  # noqa: E402
+from test_pairs import _examples, _full_rows, _shared_batch  # noqa: E402
 
 from jaxalign import pairs  # noqa: E402
 from jaxalign.models import base  # noqa: E402
@@ -107,3 +110,64 @@ def test_contract_value_and_gradients_match_float64(equation, x_shape, w_shape):
     _, tan = jax.jvp(lambda b: base.contract(equation, jnp.asarray(x, jnp.float32), b),
                      (jnp.asarray(w, jnp.float32),), (jnp.asarray(t, jnp.float32),))
     np.testing.assert_allclose(np.asarray(tan), np.einsum(equation, x, t), rtol=1e-5, atol=1e-5)
+
+
+def _tight_batch(ex, prompt_side="left"):
+    """:func:`test_pairs._shared_batch` without its extra response column: the longest response's EOS
+    sits in the last column."""
+    batch = _shared_batch(ex, prompt_side)
+    return {k: v[:, :-1] if k.startswith(("chosen", "rejected")) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_responses_filling_their_length_equal_full_rows(fused, tmp_path):
+    from jaxalign.models import load_pretrained
+
+    model, _ = load_pretrained(make_tiny("llama", tmp_path / "llama", seed=7))
+    ex = _examples(2)
+    B = len(ex)
+    batch, rows = _tight_batch(ex), _full_rows(ex, "right")
+    assert batch["rejected_ids"].shape[1] == max(len(r) for _, _, r in ex)
+    graphdef, state = nnx.split(model)
+
+    def total(state, f):  # Σ log-probs of both responses: one scalar to differentiate
+        m = nnx.merge(graphdef, state)
+        return jnp.sum(f(m))
+
+    pair = lambda m: pairs.pair_forward(m, *(batch[k] for k in pairs.KEYS), chunk_size=2,  # noqa: E731
+                                        fused=fused).chosen_logps
+    full = lambda m: pairs.sequence_forward(m, *rows)["logps"][:B]  # noqa: E731
+    (got, g_got), (want, g_want) = (jax.jit(jax.value_and_grad(total), static_argnums=1)(state, f)
+                                    for f in (pair, full))
+    # float32 through two layers, sums in another order: rounding only
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    out = jax.jit(lambda s: pairs.pair_forward(nnx.merge(graphdef, s), *(batch[k] for k in pairs.KEYS),
+                                               logps=True, hidden_sums=True, fused=fused))(state)
+    ref = jax.jit(lambda s: pairs.sequence_forward(nnx.merge(graphdef, s), *rows, hidden_sums=True))(state)
+    for got_BD, want_BD in ((out.rejected_logps, ref["logps"][B:]), (out.rejected_hidden_sum, ref["hidden_sum"][B:]),
+                            (out.rejected_last_hidden, ref["last_hidden"][B:])):
+        np.testing.assert_allclose(np.asarray(got_BD), np.asarray(want_BD), rtol=1e-4, atol=1e-4)
+
+
+def test_ches_scorer_short_responses_take_one_pass_and_equal_full_rows(tmp_path):
+    from jaxalign.analysis import ches
+    from jaxalign.models import load_pretrained
+
+    model, _ = load_pretrained(make_tiny("llama", tmp_path / "llama", seed=8))
+    rng = np.random.default_rng(3)
+    ex = [(rng.integers(3, 60, size=P).tolist(), rng.integers(3, 60, size=c - 1).tolist() + [2],
+           rng.integers(3, 60, size=r - 1).tolist() + [2]) for P, c, r in ((17, 3, 2), (9, 2, 3), (20, 1, 3))]
+    batch = _tight_batch(ex)
+    P, R = batch["prompt_ids"].shape[1], batch["chosen_ids"].shape[1]
+    assert pairs.fused_pays(P, R) and not pairs.fused_pays(P, 4 * R)
+    got = jax.jit(lambda b: ches.pair_scores(model, *(b[k] for k in pairs.KEYS), return_sums=True))(batch)
+    rows = _full_rows(ex, "left")
+    ref = jax.jit(lambda r: pairs.sequence_forward(model, *r, logps=False, hidden_sums=True))(rows)
+    S = np.asarray(ref["hidden_sum"], np.float64)
+    sp, sm = S[:len(ex)], S[len(ex):]
+    want = np.sum(sp * sm, 1) - np.sum(sp * sp, 1)  # Razin et al., Definition 2, in float64
+    # float32 hidden states of unit scale summed over ≤ 3 positions and 64 dims: rounding ≈ 1e-5
+    np.testing.assert_allclose(np.asarray(got["chosen_sum"]), sp, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got["ches"]), want, rtol=1e-4, atol=1e-3)

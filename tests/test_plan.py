@@ -235,16 +235,72 @@ def test_tpu_train_ches_gram_compile_on_v5p():
     assert p["flops"]["compiler_per_chip"] == pytest.approx(_flops(TINY, SHAPES) / 4, rel=0.25)
     assert p["collectives"]["all-gather"]["count"] > 0
     assert p["memory"]["fits"] and 0 < p["roofline"]["mfu"] < 1
-    # entangle: jvp (libtpu 0.0.42's compiler aborts on the gram and exact programs; the plan refuses them).
+    # entangle: every method (gram and exact pick the target logit by a masked sum: a gather there
+    # aborted libtpu 0.0.42's compiler).
     ches = P.plan(TINY, "tiny", "ches", tgt, SHAPES, run)
     assert ches["flops"]["compiler_per_chip"] == pytest.approx(_flops(TINY, SHAPES, 1, False) / 4, rel=0.25)
-    jvp = P.plan(TINY, "tiny", "entangle", tgt, SHAPES, run, method="jvp")
-    assert jvp["memory"]["total_bytes"] > 0 and jvp["flops"]["compiler_per_chip"] > 0
-    from importlib import metadata
+    for method in ("jvp", "gram", "exact"):
+        ent = P.plan(TINY, "tiny", "entangle", tgt, SHAPES, run, method=method)
+        assert ent["options"]["method"] == method
+        assert ent["memory"]["total_bytes"] > 0 and ent["flops"]["compiler_per_chip"] > 0
 
-    if metadata.version("libtpu").startswith("0.0.42"):
-        with pytest.raises(P.ConfigError, match="jvp"):
-            P.plan(TINY, "tiny", "entangle", tgt, SHAPES, run, method="gram")
+
+def test_trace_time_kernel_choices_follow_the_target_platform():
+    """The forms chosen at trace time for XLA:CPU (row-layout kernel gradients, the RoPE tables behind a
+    barrier, the CHES scorer's fused pass) are taken when the program is for a CPU, not whenever the
+    host is one: a TPU plan traced on this host gets what a TPU would run."""
+    from jaxalign import pairs, parallel
+    from jaxalign.models import base
+
+    x, w = jnp.ones((2, 3, 8)), jnp.ones((8, 4))
+    pos, inv = jnp.arange(3)[None].repeat(2, 0), jnp.ones((2,))
+
+    def program(platform: str) -> str:
+        with parallel.compiling_for(platform):
+            return str(jax.make_jaxpr(lambda a, b: (base.contract("BTD,DF->BTF", a, b),
+                                                     base.apply_rope(a.reshape(2, 3, 2, 4), pos, inv)))(x, w))
+
+    assert parallel.target_platform() == jax.default_backend()
+    cpu, tpu = program("cpu"), program("tpu")
+    assert "custom_jvp_call" in cpu and "optimization_barrier" in cpu
+    assert "custom_jvp_call" not in tpu and "optimization_barrier" not in tpu
+    with parallel.compiling_for("cpu"):
+        assert pairs.fused_pays(56, 4)
+    with parallel.compiling_for("tpu"):
+        assert parallel.target_platform() == "tpu" and not pairs.fused_pays(56, 4)
+
+
+def test_a_tpu_plan_traces_for_tpu(monkeypatch):
+    tgt = _tpu_target()
+    from jaxalign import parallel
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(parallel.target_platform())
+        raise RuntimeError("traced")
+
+    monkeypatch.setattr(P, "build_program", spy)
+    with pytest.raises(RuntimeError, match="traced"):
+        P.plan(TINY, "tiny", "ches", tgt, SHAPES, P.run_config(None, ["mesh.data=1", "mesh.fsdp=4"]))
+    assert seen == ["tpu"] and parallel.target_platform() == jax.default_backend()
+
+
+def test_select_targets_pick_is_the_gather_to_the_bit():
+    """The entangle programs' target pick (a masked sum over the vocabulary) equals the gather bit for bit,
+    and both equal log-softmax at the target in float64 NumPy (to float32 rounding of the logsumexp)."""
+    from jaxalign import logprobs
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 7, 50)) * 4).astype(np.float32)
+    targets = rng.integers(0, 50, (3, 7))
+    gathered = np.asarray(jax.jit(logprobs.token_logprobs)(jnp.asarray(logits), jnp.asarray(targets)))
+    with logprobs.select_targets():
+        selected = np.asarray(jax.jit(logprobs.token_logprobs)(jnp.asarray(logits), jnp.asarray(targets)))
+    np.testing.assert_array_equal(selected, gathered)
+    x = logits.astype(np.float64)
+    ref = np.take_along_axis(x, targets[..., None], -1)[..., 0] - np.log(np.exp(x).sum(-1))
+    np.testing.assert_allclose(selected, ref, rtol=0, atol=1e-5)
 
 
 def test_search_candidates_and_best(capsys):
@@ -281,3 +337,73 @@ def test_cpu_plan_probe_generate_entangle():
     assert gen["flops"]["compiler_per_chip"] == pytest.approx(view / 8, rel=0.15)
     ent = P.plan(TINY, "tiny", "entangle", tgt, SHAPES, run, method="gram")
     assert ent["options"]["method"] == "gram" and ent["memory"]["params_bytes"] == 4 * _param_count(TINY)[2]
+
+
+SCAN_HLO = """HloModule scan
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  %n = s32[]{:T(128)} constant(5)
+  %p = (s32[]{:T(128)}, f32[4,8]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
+%body (q: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %q = (s32[]{:T(128)}, f32[4,8]{1,0}) parameter(0)
+  %j = s32[]{:T(128)} get-tuple-element(%q), index=0
+  %x = f32[4,8]{1,0} get-tuple-element(%q), index=1
+  %ag = f32[16,8]{1,0} all-gather(%x), replica_groups=[1,4]<=[4], dimensions={0}
+  %y = f32[4,8]{1,0} slice(%ag), slice={[0:4], [0:8]}
+  ROOT %t = (s32[]{:T(128)}, f32[4,8]{1,0}) tuple(%j, %y)
+}
+
+ENTRY %main (a: f32[4,8]) -> (s32[], f32[4,8]) {
+  %a = f32[4,8]{1,0} parameter(0)
+  %z = f32[4,8]{1,0} negate(%a)
+  %init = (s32[]{:T(128)}, f32[4,8]{1,0}) tuple(%c0, %z)
+  ROOT %w = (s32[]{:T(128)}, f32[4,8]{1,0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_loop_without_known_trip_count_counts_from_its_condition():
+    """A ``lax.scan`` loop as libtpu leaves it (no ``known_trip_count``): ``i < constant(5)`` runs 5 times."""
+    c = P.collectives(SCAN_HLO, 4)
+    assert c["all-gather"]["count"] == 5 and c["all-gather"]["bytes"] == 5 * 16 * 8 * 4
+    # result bytes: negate 128 outside, the condition's compare 1 (counted once); all-gather 512 and
+    # slice 128 in the body, 5 times
+    assert P.loop_bytes_factor(SCAN_HLO) == pytest.approx((128 + 1 + 5 * (512 + 128)) / (128 + 1 + 512 + 128))
+
+
+def test_async_collective_fusion_in_a_loop_counts_once_per_loop():
+    """libtpu sinks one weight gather into a windowed-matmul loop as an ``async_collective_fusion`` whose
+    progress counters ride along the iterations: one gather per run of the loop, not one per iteration."""
+    hlo = SCAN_HLO.replace(
+        "  %ag = f32[16,8]{1,0} all-gather(%x), replica_groups=[1,4]<=[4], dimensions={0}\n",
+        "  %ag = f32[16,8]{1,0} fusion(%x), kind=kOutput, calls=%async_collective_fusion.1\n")
+    hlo = hlo.replace("ENTRY", "%async_collective_fusion.1 (x: f32[4,8]) -> f32[16,8] {\n"
+                      "  %x1 = f32[4,8]{1,0} parameter(0)\n"
+                      "  ROOT %g = f32[16,8]{1,0} all-gather(%x1), replica_groups=[1,4]<=[4], dimensions={0}\n"
+                      "}\n\nENTRY")
+    c = P.collectives(hlo, 4)
+    assert c["all-gather"]["count"] == 1 and c["all-gather"]["bytes"] == 16 * 8 * 4
+
+
+def test_a_refused_program_prints_its_memory_and_the_reason():
+    """libtpu refuses a program over its HBM at compile time: the plan has no FLOPs, and still prints."""
+    msg = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory. HLO temporaries (20.5G)"
+    mem = P._refused_memory(msg, {"params": 2 * 10**9, "optimizer": 4 * 10**9}, 17.18e9)
+    assert mem["temp_bytes"] == int(20.5 * 2**30) and mem["total_bytes"] == 6 * 10**9 + int(20.5 * 2**30)
+    p = {"model": "m", "params": 1e9, "job": "train", "target": "v5e:4x4", "chips": 16,
+         "mesh": {"data": 1, "fsdp": 16, "tensor": 1, "expert": 1}, "options": {}, "compile_s": 1.0,
+         "shapes": {"pairs": 16, "prompt_len": 512, "response_len": 512}, "memory": mem}
+    text = P.format_plan(p)
+    assert "DOES NOT FIT: the compiler refused the program" in text and "HLO temporaries (20.5G)" in text
+
+
+def test_in_place_updates_are_not_loop_traffic():
+    """A scan writes each iteration's slice into a stacked buffer whose result type is the whole buffer:
+    ``dynamic-update-slice`` results are left out of the loop weighting."""
+    hlo = SCAN_HLO.replace("%y = f32[4,8]{1,0} slice(%ag), slice={[0:4], [0:8]}",
+                           "%y = f32[4,8]{1,0} dynamic-update-slice(%x, %x, %j, %j)")
+    assert P.loop_bytes_factor(hlo) == pytest.approx((128 + 1 + 5 * 512) / (128 + 1 + 512))

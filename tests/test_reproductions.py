@@ -309,3 +309,27 @@ def test_unalignment_smoke(tiny, tmp_path):
     assert sum(res["pair_kinds"][k] for k in ("two_refusals", "two_compliances", "mixed")) == n
     assert (out / "refusal.png").is_file()
     assert s["results"]["refusal_sft"]["steps"] == 1
+
+
+def test_unalignment_turn_template(tiny):
+    """A tokenizer without a chat template gets the turn template; the plain-text prompt (tokenized with
+    special tokens, as ``generate``) and the templated one (tokenized without, as ``jaxalign sample``)
+    give the same ids with one BOS; a rendered response ends with EOS (not appended again)."""
+    from transformers import AutoTokenizer
+
+    import repro_unalignment as script
+    from jaxalign.data.formats import render_chat
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    assert script.ensure_chat_template(tok) == "the tokenizer's"  # ChatML stays
+    tok.chat_template = None
+    assert script.ensure_chat_template(tok).startswith("TURN_TEMPLATE")
+    msgs = [{"role": "user", "content": "hello"}]
+    templated = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert templated == f"{tok.bos_token}<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n"
+    ids_sample = tok(templated, add_special_tokens=False)["input_ids"]
+    ids_generate = tok(script.render(tok, "hello"))["input_ids"]
+    assert ids_generate == ids_sample and ids_sample.count(tok.bos_token_id) == 1
+    prompt, chosen, rejected = render_chat(tok, msgs, [{"role": "assistant", "content": "No."}],
+                                           [{"role": "assistant", "content": "Sure."}])
+    assert prompt == templated and (chosen, rejected) == ("No." + tok.eos_token, "Sure." + tok.eos_token)

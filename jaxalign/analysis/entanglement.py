@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import pairs
+from jaxalign import logprobs, pairs, parallel
 from jaxalign.analysis import entanglement_gram as gram_lib
 from jaxalign.errors import ConfigError
 
@@ -158,6 +158,11 @@ def select(names: Sequence[str], params: str | Sequence[str] | None = None,
         raise ConfigError(f"--params {params!r} / --last-blocks {last_blocks!r} select no parameter; names "
                           f"look like {', '.join(list(names)[:4])}, …")
     return tuple(keep)
+
+
+def _for_tpu() -> bool:
+    """Whether the program being traced is for a TPU (``jaxalign plan --topology`` traces on the host)."""
+    return parallel.target_platform() == "tpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,15 +664,14 @@ class PairGradsFn:
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
 
-            from jaxalign import parallel
-
             replicated = NamedSharding(mesh, PartitionSpec())
             self.diff, self.fixed, self.rest = jax.device_put((self.diff, self.fixed, self.rest), replicated)
             self._rows = parallel.batch_sharding(mesh, 2)
 
     def _plans_for(self, P: int, R: int):
         if (P, R) not in self._plans:
-            self._plans[(P, R)] = gram_plans(self.split, self.diff, self.fixed, self.rest, P, R)
+            with logprobs.select_targets(_for_tpu()):  # the programs the plans are read from, as _fn traces them
+                self._plans[(P, R)] = gram_plans(self.split, self.diff, self.fixed, self.rest, P, R)
         return self._plans[(P, R)]
 
     def choice(self, P: int, R: int) -> Choice:
@@ -683,6 +687,10 @@ class PairGradsFn:
         return self._choices[(P, R)]
 
     def _fn(self, diff, fixed, rest, batch, *, method_, chunk):
+        with logprobs.select_targets(_for_tpu()):  # the same numbers; a gather crashes libtpu 0.0.42's compiler
+            return self._traced(diff, fixed, rest, batch, method_=method_, chunk=chunk)
+
+    def _traced(self, diff, fixed, rest, batch, *, method_, chunk):
         sm = self.split
         if method_ == "exact":
             per_pair = lambda pair: _pair_exact(sm, diff, fixed, rest, pair)  # noqa: E731

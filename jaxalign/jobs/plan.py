@@ -200,7 +200,8 @@ def abstract_model(hf: dict, run) -> Any:
         model = nnx.eval_shape(lambda: lora.apply(nnx.merge(graphdef, jax.tree.map(
             lambda x: jnp.zeros(x.shape, x.dtype), state)), settings, seed=run.lora.seed))
     return base.configure(model, dtype=None if run.model.dtype is None else jnp.dtype(run.model.dtype),
-                          attention_impl=run.model.attention_impl, remat=run.model.remat)
+                          attention_impl=run.model.attention_impl, remat=run.model.remat,
+                          scan_layers=run.model.scan_layers)
 
 
 # --- placed abstract inputs -------------------------------------------------------------------------
@@ -439,22 +440,81 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
+_LT_CONSTANT = re.compile(r"ROOT .*compare\(%[\w.\-]+, %(?P<c>[\w.\-]+)\), direction=LT")
+
+
+def _condition_trips(comps: dict[str, list[str]], condition: str) -> int:
+    """Trip count of a ``while`` whose condition is ``counter < constant(N)`` (``lax.scan``'s loops and
+    libtpu's windowed matmul loops, whose counters start at 0 and step by 1, the form they lower to);
+    1 when the condition has another form. For loops without XLA's ``known_trip_count``."""
+    lines = comps.get(condition.lstrip("%"), [])
+    for line in lines:
+        m = _LT_CONSTANT.search(line)
+        if m:
+            for other in lines:
+                k = re.search(r"%" + re.escape(m.group("c")) + r" = [su]\d+\[\][^=]*constant\((\d+)\)", other)
+                if k:
+                    return int(k.group(1))
+    return 1
+
+
 def _multiplicity(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
-    """How many times each computation runs per call of ``entry`` (while bodies × known trip counts)."""
+    """How many times each computation runs per call of ``entry`` (while bodies × trip counts).
+
+    libtpu's ``async_collective_fusion`` computations inside a loop body (a weight gather sunk into a
+    windowed-matmul loop, its progress counters among the operands) carry one collective across the
+    loop's iterations: they count once per run of the loop, not once per iteration."""
     mult: dict[str, int] = {}
 
-    def visit(name: str, times: int, depth: int = 0) -> None:
+    def visit(name: str, times: int, depth: int = 0, loop_trips: int = 1) -> None:
         if name not in comps or depth > 64:
             return
         mult[name] = mult.get(name, 0) + times
         for line in comps[name]:
             trip = _TRIP.search(line)
-            for kind, callee in _CALLEE.findall(line):
+            callees = _CALLEE.findall(line)
+            n = int(trip.group(1)) if trip else _condition_trips(comps, dict(callees).get("condition", ""))
+            for kind, callee in callees:
                 for c in re.findall(r"%?([\w.\-]+)", callee):
-                    visit(c, times * (int(trip.group(1)) if trip and kind == "body" else 1), depth + 1)
+                    if kind == "body":
+                        visit(c, times * n, depth + 1, n)
+                    elif c.startswith("async_collective_fusion"):  # one collective spread over the loop
+                        visit(c, max(1, times // loop_trips), depth + 1, loop_trips)
+                    else:
+                        visit(c, times, depth + 1, loop_trips)
 
     visit(entry, 1)
     return mult
+
+
+_RESULT = re.compile(r"=\s*(?P<type>.*?)\s(?P<op>[\w\-]+)\(")
+_NOT_TRAFFIC = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional",
+                "call", "after-all", "partition-id", "replica-id")
+
+
+def loop_bytes_factor(hlo: str) -> float:
+    """How much more data a step writes than XLA's ``cost_analysis()`` sees, which counts a ``while``
+    body once: the result bytes of the instructions of the entry and of every loop body and branch,
+    weighted by how many times each runs (:func:`_multiplicity`), over the same sum unweighted (in-place
+    updates left out: a scan's writes into its stacked ``[L, …]`` buffers). 1.0 for a program without
+    loops. Scales ``bytes accessed`` for the roofline (a scan over layers, grad_accum)."""
+    comps, entry = _computations(hlo)
+    mult = _multiplicity(comps, entry)
+    control = {entry}
+    for lines in comps.values():
+        for line in lines:
+            for kind, callee in _CALLEE.findall(line):
+                if kind in ("body", "condition", "branch_computations"):
+                    control.update(re.findall(r"%?([\w.\-]+)", callee))
+    weighted = plain = 0.0
+    for name in control & set(comps):
+        for line in comps[name]:
+            m = _RESULT.search(line)
+            in_place = m and (m.group("op") == "dynamic-update-slice" or "output_to_operand_aliasing" in line)
+            if m and m.group("op") not in _NOT_TRAFFIC and not in_place:  # in place: the result type is the
+                b = sum(_shape_bytes(m.group("type")))                      # whole buffer, the write a slice
+                weighted, plain = weighted + b * mult.get(name, 0), plain + b
+    return weighted / plain if plain else 1.0
 
 
 def _collective_records(hlo: str, num_devices: int):
@@ -641,23 +701,6 @@ def _check_batch(job: str, shapes: Shapes, shape: Sequence[int], grad_accum: int
                           f"does not divide over data×fsdp = {rows} devices")
 
 
-def _check_libtpu_entangle(method: str, mesh) -> None:
-    """libtpu 0.0.42's compiler aborts the process (``LLVM ERROR: Cannot select: v32i8 = shl``) on the
-    exact and Gram per-pair gradient programs; refuse them with a message instead of a crash."""
-    from importlib import metadata
-
-    if method == "jvp" or mesh.devices.flat[0].platform != "tpu":
-        return
-    try:
-        version = metadata.version("libtpu")
-    except metadata.PackageNotFoundError:
-        return
-    if version.startswith("0.0.42"):
-        raise ConfigError(f"--method {method}: libtpu {version}'s compiler crashes on this program (LLVM "
-                          "'Cannot select v32i8 shl'); plan --method jvp for a TPU topology, or gram/exact "
-                          "with --cpu-devices or on a GPU")
-
-
 def build_program(job: str, model, run, shapes: Shapes, mesh, *, method: str, chip) -> Program:
     """Lowers ``job``'s jitted function for ``model`` (abstract) on ``mesh``."""
     if job == "train":
@@ -669,7 +712,6 @@ def build_program(job: str, model, run, shapes: Shapes, mesh, *, method: str, ch
     if job == "entangle":
         if method not in ENTANGLE_METHODS:
             raise ConfigError(f"--method must be one of {', '.join(ENTANGLE_METHODS)}, got {method!r}")
-        _check_libtpu_entangle(method, mesh)
         budget = chip.hbm_bytes / 2 if chip else 4 << 30  # the probe's own rule: half the device memory
         return _entangle_program(model, shapes, mesh, method, budget)
     if job == "generate":
@@ -691,8 +733,8 @@ def _estimate(job: str, prog: Program, compiled, tgt: Target, dims, shapes, run,
         "largest_collectives": largest_collectives(hlo, n)}
     if tgt.chip is None:
         return est
-    correction = max(1.0, flops["compiled_view"] / n / max(cost["flops"], 1.0))
-    hbm_bytes = cost["bytes_accessed"] * correction
+    hbm_bytes = hbm_traffic(cost["bytes_accessed"], hlo, compiler_flops=cost["flops"],
+                            analytic_flops=flops["compiled_view"] / n)
     hw_flops = max(cost["flops"], flops["compiled_view"] / n)
     if job == "generate":  # the decode loop's body is in the compiler's counts once: add the other steps
         hw_flops = flops["total"] / n
@@ -703,6 +745,14 @@ def _estimate(job: str, prog: Program, compiled, tgt: Target, dims, shapes, run,
     est["roofline_inputs"] = inputs
     est["roofline"] = roofline(tgt.chip, n, **inputs)
     return est
+
+
+def hbm_traffic(bytes_accessed: float, hlo: str, *, compiler_flops: float, analytic_flops: float) -> float:
+    """HBM bytes per chip per step for the roofline: XLA's ``bytes accessed`` scaled for the loops it
+    counts once, by :func:`loop_bytes_factor` where the HLO has loops with a trip count, else by the
+    analytic over the compiler's FLOPs (at least 1)."""
+    loops = loop_bytes_factor(hlo)
+    return bytes_accessed * (loops if loops > 1.0 else max(1.0, analytic_flops / max(compiler_flops, 1.0)))
 
 
 def _kv_bytes(dims, shapes: Shapes, run, n: int) -> float:
@@ -729,10 +779,13 @@ def plan(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *
     model = abstract_model(hf, run)
     dims = model_dims(model)
     t0 = time.perf_counter()
-    prog = build_program(job, model, run, shapes, mesh, method=method, chip=tgt.chip)
+    with parallel.compiling_for(tgt.devices[0].platform):  # the target's kernels, not the host's
+        prog = build_program(job, model, run, shapes, mesh, method=method, chip=tgt.chip)
+    lower_s = time.perf_counter() - t0  # tracing and lowering to StableHLO; the rest is XLA's compile
     compiled, refused = _compile(prog.lowered)
     compile_s = time.perf_counter() - t0
     if hlo_path and compiled is not None:
+        Path(hlo_path).parent.mkdir(parents=True, exist_ok=True)
         Path(hlo_path).write_text(compiled.as_text())
     n = len(tgt.devices)
     result = {
@@ -740,7 +793,7 @@ def plan(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *
         "target": tgt.label, "chips": n, "chip": dataclasses.asdict(tgt.chip) if tgt.chip else None,
         "mesh": dict(zip(parallel.MESH_AXES, shape)),
         "shapes": dataclasses.asdict(shapes), "params": dims["params"], "dims": dims,
-        "options": _options(job, run, prog), "compile_s": round(compile_s, 1)}
+        "options": _options(job, run, prog), "compile_s": round(compile_s, 1), "lower_s": round(lower_s, 1)}
     hbm = tgt.hbm_bytes
     if compiled is None:  # the TPU compiler refuses a program that cannot fit its HBM
         result["memory"] = _refused_memory(refused, prog.groups, hbm)
@@ -776,7 +829,7 @@ def _refused_memory(message: str, groups: Mapping[str, int], hbm: float | None) 
 
 def _options(job: str, run, prog: Program) -> dict[str, Any]:
     out = {"param_dtype": run.model.param_dtype, "dtype": run.model.dtype or run.model.param_dtype,
-           "remat": run.model.remat}
+           "remat": run.model.remat, "scan_layers": run.model.scan_layers}
     if job == "train":
         out.update(loss=run.loss.name, optimizer=run.optim.name, grad_accum=run.train.grad_accum,
                    reference=run.loss.reference, shared_prompt=run.data.shared_prompt,
@@ -796,6 +849,10 @@ def reanalyse(p: dict, hlo: str) -> dict:
         chip = chips_lib.get(p["chip"]["name"])  # today's table
         inputs = dict(p["roofline_inputs"], ici_bytes_per_chip=sum(
             c["traffic_bytes"] for c in p["collectives"].values()))
+        if p["job"] != "generate":  # generate's decode loop is priced by its own formula (_estimate)
+            inputs["hbm_bytes_per_chip"] = hbm_traffic(
+                p["bytes_accessed_per_chip"], hlo, compiler_flops=p["flops"]["compiler_per_chip"],
+                analytic_flops=p["flops"]["analytic_per_chip"])
         total = p["memory"]["total_bytes"]
         p["memory"] = dict(p["memory"], hbm_bytes=int(chip.hbm_bytes), fits=total <= chip.hbm_bytes,
                            headroom_bytes=int(chip.hbm_bytes - total),
@@ -814,6 +871,8 @@ def overrides_of(p: Mapping[str, Any]) -> list[str]:
             out.append("mesh.constrain_activations=false")
         if p["options"].get("fused_pairs"):
             out.append("data.fused_pairs=true")
+    if p["options"].get("scan_layers"):
+        out.append("model.scan_layers=true")
     return out
 
 
@@ -934,7 +993,7 @@ def _flop(x: float) -> str:
 
 def format_plan(p: Mapping[str, Any]) -> str:
     """The terminal table of a plan (every number an estimate)."""
-    m, f = p["memory"], p["flops"]
+    m, f = p["memory"], p.get("flops")  # no FLOPs when the compiler refused the program
     lines = [f"jaxalign plan (ESTIMATES) — {p['model']} ({p['params'] / 1e9:.2f} B params), job {p['job']}, "
              f"{p['target']} ({p['chips']} chips), mesh " + " ".join(f"{k}={v}" for k, v in p["mesh"].items()),
              f"  shapes: {p['shapes']['pairs']} pairs, prompt {p['shapes']['prompt_len']}, response "

@@ -32,6 +32,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxalign import parallel
 from jaxalign.errors import ModelError
+from jaxalign.models import scan
 
 
 class ModelOutput(NamedTuple):
@@ -171,16 +172,40 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS:
     K = k_BSKH.shape[2]
     G = N // K
     scale = 1.0 / math.sqrt(H) if scale is None else scale
+    if T > 1 and parallel.target_platform() == "cpu":
+        return _attention_head_major(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, softcap=softcap)
     q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
     scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
                               preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BKGTS, axis=-1)
+    probs = _masked_softmax(scores_BKGTS, mask_BTS[:, None, None], softcap)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_BSKH.dtype), v_BSKH,
                            preferred_element_type=jnp.float32)
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array, softcap: float | None) -> jax.Array:
+    """Float32 softmax over the last axis of (soft-capped) scores, masked-out keys at the float32 minimum."""
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+
+def _attention_head_major(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float, softcap: float | None):
+    """:func:`attention` with ``q``, ``k``, ``v`` moved to ``[B, K, ·, H]`` first (a group's ``G·T`` query
+    rows together), so that every product, forward and backward, is a plain batched matmul over ``(B, K)``.
+    On XLA:CPU the 5-D einsums' backward ran in a strided layout (6 GFLOP/s in the train step's profile);
+    this form measured 0.93–0.95x the train step's time (docs/benchmarks.md, session 7). Same sums."""
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    k_BKSH = k_BSKH.astype(q_BTNH.dtype).transpose(0, 2, 1, 3)
+    v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
+    scores_BKMS = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    mask_B1MS = jnp.broadcast_to(mask_BTS[:, None], (B, G, T, S)).reshape(B, 1, G * T, S)
+    probs = _masked_softmax(scores_BKMS, mask_B1MS, softcap)
+    out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+    return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
 # --- Attention implementations ---------------------------------------------------------------------
@@ -200,7 +225,7 @@ ATTENTION_IMPLS = ("auto", "xla", "dot_product", "cudnn")
 
 
 def _on_cuda() -> bool:
-    return jax.default_backend() in ("gpu", "cuda")
+    return parallel.target_platform() in ("gpu", "cuda")
 
 
 def check_attention_impl(name: str) -> str:
@@ -282,8 +307,12 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array
     """Rotary embedding in HF's "rotate half" layout; only the first ``2F`` dims rotate (partial RoPE)."""
     rot = 2 * inv_freq_F.shape[0]
     angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
-    emb = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb) * attention_scaling, jnp.sin(emb) * attention_scaling
+    # The [B, T, F] tables written once (the barrier), not re-evaluated per head element inside the
+    # consumers' fusions: 0.96x the CHES scorer's time on CPU (docs/benchmarks.md, session 7).
+    cos_BTF, sin_BTF = jnp.cos(angles_BTF) * attention_scaling, jnp.sin(angles_BTF) * attention_scaling
+    if parallel.target_platform() == "cpu":
+        cos_BTF, sin_BTF = jax.lax.optimization_barrier((cos_BTF, sin_BTF))
+    cos, sin = (jnp.concatenate([t, t], axis=-1)[:, :, None, :] for t in (cos_BTF, sin_BTF))
     x_rot, x_pass = x_BTNH[..., :rot].astype(jnp.float32), x_BTNH[..., rot:]
     out = x_rot * cos + rotate_half(x_rot) * sin
     return jnp.concatenate([out.astype(x_BTNH.dtype), x_pass], axis=-1)
@@ -308,18 +337,18 @@ def remat_policy(name: str | None):
     return getattr(jax.checkpoint_policies, name)
 
 
-def remat_block(fn, remat: str | None):
+def remat_block(fn, remat: str | None, *, prevent_cse: bool = True):
     """``fn`` (a function of an ``nnx.Module`` and arrays) rematerialised with the named policy."""
     if remat is None:
         return fn
-    return nnx.remat(fn, policy=remat_policy(remat))
+    return nnx.remat(fn, policy=remat_policy(remat), prevent_cse=prevent_cse)
 
 
 _KEEP = object()
 
 
-def configure(model: nnx.Module, *, dtype=None, attention_impl: str | None = None, remat=_KEEP
-              ) -> nnx.Module:
+def configure(model: nnx.Module, *, dtype=None, attention_impl: str | None = None, remat=_KEEP,
+              scan_layers: bool | None = None) -> nnx.Module:
     """Sets a built model's run-time options in place (the loaders build with the defaults); returns it.
 
     Args:
@@ -329,6 +358,8 @@ def configure(model: nnx.Module, *, dtype=None, attention_impl: str | None = Non
         compute in float32, logits and log-probs are float32). Parameters keep their storage dtype.
       attention_impl: one of :data:`ATTENTION_IMPLS`.
       remat: a per-block rematerialisation policy name (:func:`remat_policy`) or ``None``.
+      scan_layers: ``True`` stacks the blocks into one scanned block (:func:`set_scan_layers`), ``False``
+        unstacks them, ``None`` keeps them as they are.
 
     Set options before ``nnx.split``/``jax.jit``: they are static (part of the graph definition).
 
@@ -352,6 +383,28 @@ def configure(model: nnx.Module, *, dtype=None, attention_impl: str | None = Non
         for _, node in nnx.iter_graph(model):
             if isinstance(node, nnx.Module) and hasattr(node, "dtype"):
                 node.dtype = dtype
+    if scan_layers is not None:
+        set_scan_layers(model, scan_layers)
+    return model
+
+
+def set_scan_layers(model: nnx.Module, on: bool) -> nnx.Module:
+    """Stacks ``model.layers`` for a scan over layers (``on``) or back into a list, in place.
+
+    ``ModelError`` naming ``model.scan_layers`` when the blocks differ (the structure, e.g. dense and
+    mixture-of-experts MLPs, or per-layer inputs, e.g. Gemma 2's alternating sliding windows). Stacking
+    copies the blocks' parameters once (the unstacked ones are freed when nothing else holds them)."""
+    scanned = isinstance(model.layers, scan.ScannedLayers)
+    if on and not scanned:
+        reason = model.layers_differ()
+        if any(getattr(node, "lora", None) is not None for _, node in nnx.iter_graph(model.layers)):
+            reason = "LoRA adapters are attached (their per-layer paths are not stacked)"
+        if reason:
+            raise ModelError(f"model.scan_layers: {reason}; this model's layers cannot be scanned, set "
+                             "model.scan_layers=false")
+        model.layers = scan.stack_layers(list(model.layers))
+    elif scanned and not on:
+        model.layers = scan.unstack_layers(model.layers)
     return model
 
 
@@ -439,7 +492,7 @@ def contract(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     (accelerators' matmuls take transposed operands as they are: plain einsum there), except inside
     :func:`plain_projections`."""
     n = _row_split(equation)
-    if n is None or jax.default_backend() != "cpu" or not _ROWS_MATMUL.get():
+    if n is None or parallel.target_platform() != "cpu" or not _ROWS_MATMUL.get():
         return jnp.einsum(equation, x, kernel)
     lead, k_shape, out_shape = x.shape[:x.ndim - n], kernel.shape[:n], kernel.shape[n:]
     y = rows_matmul(x.reshape(-1, math.prod(k_shape)), kernel.reshape(math.prod(k_shape), -1))
@@ -583,9 +636,11 @@ class DecoderLM(nnx.Module):
         cache = cache.append_tokens(positions_BT, valid_BT)
         return positions_BT, valid_BT, cache.positions, cache.valid, cache
 
-    def layer_runner(self, softcap: float | None = None):
+    def layer_runner(self, softcap: float | None = None, *, scanned: bool = False):
         """``run(layer, *args)`` = ``layer(*args, impl)`` with the attention implementation resolved for
-        this call and the block rematerialised with the model's policy (a closure: ``nnx.remat`` takes it)."""
+        this call and the block rematerialised with the model's policy (a closure: ``nnx.remat`` takes it).
+        Inside a scan (``scanned``) the remat skips its common-subexpression barrier, which a scan's
+        loop body does not need (``jax.checkpoint``'s ``prevent_cse``)."""
         impl = resolve_attention_impl(self.attention_impl, dtype=self.dtype, head_dim=self.cfg.head_dim,
                                       softcap=softcap, per_call=True)
 
@@ -593,7 +648,34 @@ class DecoderLM(nnx.Module):
             x_BTD, cache = layer(parallel.constrain(x_BTD, parallel.ACT_BTD), *args, impl)
             return parallel.constrain(x_BTD, parallel.ACT_BTD), cache
 
-        return remat_block(run, self.remat)
+        return remat_block(run, self.remat, prevent_cse=not scanned)
+
+    def layers_differ(self) -> str | None:
+        """Why the blocks cannot share one scanned program beyond their structure (per-layer inputs such
+        as sliding windows or RoPE), or ``None``; a family with such inputs overrides it."""
+        return None
+
+    def run_layers(self, x_BTD: jax.Array, layer_args, cache: KVCache | None, *, softcap: float | None = None,
+                   collect_hidden: bool = True):
+        """Runs the blocks on the embeddings' output ``x_BTD``: a Python loop over ``self.layers``, or one
+        ``lax.scan`` when they are stacked (``model.scan_layers``, :mod:`jaxalign.models.scan`).
+
+        ``layer_args(i)`` gives block ``i``'s inputs before the cache (positions, mask, …); a scanned model
+        uses layer 0's for all (:meth:`layers_differ` guarantees they agree). Returns ``(x_BTD,
+        layer_hidden, cache)`` with ``layer_hidden`` the embeddings' output then each block's output (a
+        scanned model stacks them only when ``collect_hidden``; otherwise the list is empty)."""
+        if isinstance(self.layers, scan.ScannedLayers):
+            run = self.layer_runner(softcap, scanned=True)
+            x_in_BTD = x_BTD
+            x_BTD, hidden, cache = scan.run_scanned(run, self.layers, x_BTD, layer_args(0), cache,
+                                                    collect_hidden=collect_hidden)
+            return x_BTD, [x_in_BTD] + hidden if collect_hidden else [], cache
+        run = self.layer_runner(softcap)
+        hidden = [x_BTD]
+        for i, layer in enumerate(self.layers):
+            x_BTD, cache = run(layer, x_BTD, *layer_args(i), cache)
+            hidden.append(x_BTD)
+        return x_BTD, hidden, cache
 
     def finish(self, x_BTD: jax.Array, layer_hidden: list, cache: KVCache | None, num_tokens: int, *,
                return_logits: bool, return_layer_hidden: bool) -> ModelOutput:

@@ -174,10 +174,7 @@ class GPT2(base.DecoderLM):
         # Positions past n_positions are clipped (padding may sit one past the last token).
         pos_BTD = jnp.take(self.wpe.embedding[...], positions_BT, axis=0, mode="clip").astype(self.dtype)
         x_BTD = self.wte(input_ids_BT) + pos_BTD
-        run = self.layer_runner()
-        layer_hidden = [x_BTD]
-        for layer in self.layers:
-            x_BTD, cache = run(layer, x_BTD, mask_BTS, cache)
-            layer_hidden.append(x_BTD)
+        x_BTD, layer_hidden, cache = self.run_layers(x_BTD, lambda i: (mask_BTS,), cache,
+                                                     collect_hidden=return_layer_hidden)
         return self.finish(x_BTD, layer_hidden, cache, input_ids_BT.shape[1], return_logits=return_logits,
                            return_layer_hidden=return_layer_hidden)

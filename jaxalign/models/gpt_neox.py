@@ -178,10 +178,7 @@ class GPTNeoX(base.DecoderLM):
         mask_BTS = base.attention_mask_BTS(positions_BT, k_pos_BS, valid_BT, k_valid_BS)
         inv_freq_F = cfg.rope.inv_freq_for(cfg.head_dim, positions_BT, valid_BT)
         x_BTD = self.embed(input_ids_BT)
-        run = self.layer_runner()
-        layer_hidden = [x_BTD]
-        for layer in self.layers:
-            x_BTD, cache = run(layer, x_BTD, positions_BT, inv_freq_F, mask_BTS, cache)
-            layer_hidden.append(x_BTD)
+        x_BTD, layer_hidden, cache = self.run_layers(x_BTD, lambda i: (positions_BT, inv_freq_F, mask_BTS), cache,
+                                                     collect_hidden=return_layer_hidden)
         return self.finish(x_BTD, layer_hidden, cache, input_ids_BT.shape[1], return_logits=return_logits,
                            return_layer_hidden=return_layer_hidden)

@@ -394,6 +394,17 @@ class Llama(base.DecoderLM):
         self.final_norm = _norm(cfg, cfg.hidden_size, **p)
         self.make_lm_head(rngs, param_dtype)
 
+    def layers_differ(self) -> str | None:
+        """Why one scanned block cannot serve every layer: different windows or RoPEs, or ``None``."""
+        cfg = self.cfg
+        if len({cfg.window(i) for i in range(cfg.num_layers)}) > 1:
+            sliding = sum(t == SLIDING for t in cfg.layer_types)
+            return (f"the layers mix sliding-window and full attention ({sliding} of {cfg.num_layers} "
+                    "sliding in layer_types)")
+        if len({cfg.rope_of(i) for i in range(cfg.num_layers)}) > 1:
+            return "sliding and full layers use different RoPEs"
+        return None
+
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
                  cache: base.KVCache | None = None, return_logits: bool = True,
                  return_layer_hidden: bool = False, branch_BT: jax.Array | None = None) -> base.ModelOutput:
@@ -408,10 +419,8 @@ class Llama(base.DecoderLM):
         x_BTD = self.embed(input_ids_BT)
         if cfg.embed_scale:  # Gemma: × √D rounded to the activation dtype
             x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), x_BTD.dtype)
-        run = self.layer_runner(softcap=cfg.attn_logit_softcap)
-        layer_hidden = [x_BTD]
-        for i, layer in enumerate(self.layers):
-            x_BTD, cache = run(layer, x_BTD, positions_BT, ropes[cfg.rope_of(i)], masks[cfg.window(i)], cache)
-            layer_hidden.append(x_BTD)
+        x_BTD, layer_hidden, cache = self.run_layers(
+            x_BTD, lambda i: (positions_BT, ropes[cfg.rope_of(i)], masks[cfg.window(i)]), cache,
+            softcap=cfg.attn_logit_softcap, collect_hidden=return_layer_hidden)
         return self.finish(x_BTD, layer_hidden, cache, input_ids_BT.shape[1], return_logits=return_logits,
                            return_layer_hidden=return_layer_hidden)

@@ -459,6 +459,23 @@ def _fill(var: nnx.Variable, host: np.ndarray, mesh) -> None:
     var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx]))
 
 
+_SCANNED = "layers.block."
+
+
+def _per_layer_params(model: nnx.Module) -> dict[str, Any]:
+    """Our path → value of every parameter, a scanned model's stacked ``layers.block.X`` ``[L, …]`` given
+    back as ``layers.{i}.X`` (``model.scan_layers``; the same names as the unstacked model's)."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, value = _path_str(path), var.get_value()
+        if name.startswith(_SCANNED):
+            for i in range(value.shape[0]):
+                out[f"layers.{i}.{name[len(_SCANNED):]}"] = value[i]
+        else:
+            out[name] = value
+    return out
+
+
 def to_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """HF name → NumPy array of every parameter of ``model``, as ``transformers`` saves them.
 
@@ -467,7 +484,7 @@ def to_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """
     cfg = model.cfg
     table = TABLES[cfg.model_type]
-    flat = {_path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = _per_layer_params(model)
     out: dict[str, np.ndarray] = {}
     used: set[str] = set()
     for rule in table.rules:
@@ -480,7 +497,7 @@ def to_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
             targets = [t.replace("{i}", i) for t in rule.ours]
             if used.intersection(targets):
                 raise ValueError(f"{cfg.model_type} table maps {targets} twice")
-            parts = tuple(np.asarray(jax.device_get(flat[t].get_value())) for t in targets)
+            parts = tuple(np.asarray(jax.device_get(flat[t])) for t in targets)
             hf_name = rule.hf.replace("{i}", i)
             if rule.per_expert:
                 for e, part in enumerate(parts[0]):

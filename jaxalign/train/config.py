@@ -2,7 +2,7 @@
 
 A run file has the sections below (every field is commented where it is declared)::
 
-    model:      {path, dtype, param_dtype, remat}
+    model:      {path, dtype, param_dtype, remat, attention_impl, scan_layers}
     lora:       {target, r, alpha, rslora, dropout, adapter, seed}
     data:       {train, eval, probe, probe_size, max_length, shared_prompt, shuffle, chat, append_eos, ...}
     loss:       {name, beta, options, sft_coeff, reference}
@@ -41,6 +41,7 @@ class ModelConfig:
     dtype: str | None = None       # compute dtype (bfloat16 over float32 params = mixed precision); None: param_dtype
     remat: str | None = None       # per-block rematerialisation: None | full | a jax.checkpoint_policies name
     attention_impl: str | None = None  # None (the model's default) | auto | xla | dot_product | cudnn
+    scan_layers: bool = False      # blocks stacked and run with lax.scan (one compiled block; docs/scale.md)
 
 
 @dataclasses.dataclass(frozen=True)

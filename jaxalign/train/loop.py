@@ -313,7 +313,8 @@ def _configure(model, cfg: RunConfig) -> None:
     from jaxalign.models import base as model_base
 
     model_base.configure(model, dtype=None if cfg.model.dtype is None else jnp.dtype(cfg.model.dtype),
-                         attention_impl=cfg.model.attention_impl, remat=cfg.model.remat)
+                         attention_impl=cfg.model.attention_impl, remat=cfg.model.remat,
+                         scan_layers=cfg.model.scan_layers)
 
 
 def _load_sets(cfg: RunConfig, tokenizer, train_source, cache_dir: str) -> dict[str, DataSet]:
