@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,8 @@ DOC = ROOT / "docs" / "scale.md"
 BEGIN, END = "<!-- presets-table: begin (scripts/plan_presets.py) -->", "<!-- presets-table: end -->"
 BF16 = ["model.dtype=bfloat16"]  # float32 parameters and AdamW state, bfloat16 compute
 LORA = ["lora.target=[q,k,v]", "lora.r=64", "lora.alpha=128", "loss.reference=adapter_off"]
+SCAN_DOTS_4 = ["mesh.data=1", "mesh.fsdp=4", "model.remat=dots_with_no_batch_dims_saveable", "model.scan_layers=true"]
+SCAN_FULL_64 = ["mesh.data=1", "mesh.fsdp=64", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"]
 
 
 def _row(id_: str, model: str, job: str, topology: str, overrides=(), *, pairs: int = 8, prompt: int = 512,
@@ -87,6 +90,23 @@ ROWS = [
     _row("8b-dpo-v5e-16-scan", "Llama-3.1-8B", "train", "v5e:4x4",
          ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
          pairs=16),
+    # Session 7, scanned (1-2 minutes each here): the other presets, 70B CHES, larger v5e/v6e slices.
+    _row("qwen72b-dpo-v5p-128", "Qwen2.5-72B", "train", "v5p:4x4x4", SCAN_FULL_64, pairs=64),
+    _row("70b-ches-v5p-128", "Llama-3.1-70B", "ches", "v5p:4x4x4",
+         ["mesh.data=1", "mesh.fsdp=64", "model.scan_layers=true"], pairs=64),
+    _row("qwen7b-dpo-v5p-8-scan-dots", "Qwen2.5-7B", "train", "v5p:2x2x1", SCAN_DOTS_4),
+    _row("olmo7b-dpo-v5p-8-scan-dots", "OLMo-2-7B", "train", "v5p:2x2x1", SCAN_DOTS_4),
+    _row("olmo13b-dpo-v5p-16-scan", "OLMo-2-13B", "train", "v5p:2x2x2",
+         ["mesh.data=1", "mesh.fsdp=8", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"]),
+    _row("8b-dpo-v6e-16-scan", "Llama-3.1-8B", "train", "v6e:4x4",
+         ["mesh.data=1", "mesh.fsdp=16", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
+         pairs=16),
+    _row("8b-dpo-v5e-64-scan", "Llama-3.1-8B", "train", "v5e:8x8",
+         ["mesh.data=1", "mesh.fsdp=64", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
+         pairs=64),
+    _row("70b-dpo-v5e-256", "Llama-3.1-70B", "train", "v5e:16x16",
+         ["mesh.data=1", "mesh.fsdp=256", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
+         pairs=256),
 ]
 
 
@@ -217,6 +237,8 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--hlo-dir", type=Path, help="also write each row's optimized HLO text here")
     args = ap.parse_args()
+    # SIGTERM as an exception: subprocess.run then kills the row's compile instead of leaving it orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     known = {r["id"]: r for r in ROWS}
     unknown = [r for r in args.rows or () if r not in known]
     if unknown:
