@@ -40,7 +40,14 @@ BEGIN, END = "<!-- presets-table: begin (scripts/plan_presets.py) -->", "<!-- pr
 BF16 = ["model.dtype=bfloat16"]  # float32 parameters and AdamW state, bfloat16 compute
 LORA = ["lora.target=[q,k,v]", "lora.r=64", "lora.alpha=128", "loss.reference=adapter_off"]
 SCAN_DOTS_4 = ["mesh.data=1", "mesh.fsdp=4", "model.remat=dots_with_no_batch_dims_saveable", "model.scan_layers=true"]
-SCAN_FULL_64 = ["mesh.data=1", "mesh.fsdp=64", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"]
+
+
+def _scan_full(fsdp: int) -> list[str]:
+    """Scanned layers, full remat, the fused pair pass, parameters split over ``fsdp`` chips."""
+    return ["mesh.data=1", f"mesh.fsdp={fsdp}", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"]
+
+
+SCAN_FULL_64 = _scan_full(64)
 
 
 def _row(id_: str, model: str, job: str, topology: str, overrides=(), *, pairs: int = 8, prompt: int = 512,
@@ -104,6 +111,15 @@ ROWS = [
     _row("8b-dpo-v5e-64-scan", "Llama-3.1-8B", "train", "v5e:8x8",
          ["mesh.data=1", "mesh.fsdp=64", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
          pairs=64),
+    _row("8b-dpo-v5p-32-scan", "Llama-3.1-8B", "train", "v5p:2x2x4", _scan_full(16), pairs=16),
+    _row("8b-dpo-v5p-128-scan", "Llama-3.1-8B", "train", "v5p:4x4x4", _scan_full(64), pairs=64),
+    _row("8b-dpo-v6e-64-scan", "Llama-3.1-8B", "train", "v6e:8x8", _scan_full(64), pairs=64),
+    _row("8b-ches-v5e-16-scan", "Llama-3.1-8B", "ches", "v5e:4x4",
+         ["mesh.data=1", "mesh.fsdp=16", "model.scan_layers=true"], pairs=16),
+    _row("qwen7b-ches-v5p-8-scan", "Qwen2.5-7B", "ches", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4",
+                                                                    "model.scan_layers=true"]),
+    _row("olmo13b-ches-v5p-8-scan", "OLMo-2-13B", "ches", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4",
+                                                                      "model.scan_layers=true"]),
     _row("70b-dpo-v5e-256", "Llama-3.1-70B", "train", "v5e:16x16",
          ["mesh.data=1", "mesh.fsdp=256", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
          pairs=256),
