@@ -2,6 +2,7 @@
 
     JAX_PLATFORMS=cpu python scripts/plan_presets.py                 # every row not in the raw file yet
     JAX_PLATFORMS=cpu python scripts/plan_presets.py --rows 8b-dpo-v5p-8 1b-dpo-v5e-4
+    JAX_PLATFORMS=cpu python scripts/plan_presets.py --grid          # the generated grid (160 rows), resumable
     python scripts/plan_presets.py --table-only                      # rewrite the table from the raw file
 
 Each row is planned by a separate ``jaxalign plan`` process (a compile that runs out of host memory
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import signal
@@ -126,6 +128,30 @@ ROWS = [
 ]
 
 
+# The issue's grid (docs/scale.md): every preset whose layers scan × {train, ches} × these topologies, one
+# configuration rule per job (scanned layers; train: full remat and the fused pair pass; parameters and
+# pairs split over every chip). Gemma-2's alternating layers do not scan: its rows are the hand-made ones.
+GRID_TOPOLOGIES = {"v5p-8": "v5p:2x2x1", "v5e-16": "v5e:4x4", "v6e-16": "v6e:4x4", "v5p-32": "v5p:2x2x4",
+                   "v5e-64": "v5e:8x8", "v6e-64": "v6e:8x8", "v5p-128": "v5p:4x4x4", "v5e-256": "v5e:16x16",
+                   "v6e-256": "v6e:16x16", "v5p-512": "v5p:8x8x4"}
+GRID_PRESETS = ["Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B", "Qwen2.5-7B", "OLMo-2-7B", "OLMo-2-13B",
+                "Llama-3.1-70B", "Qwen2.5-72B"]
+
+
+def grid_rows() -> list[dict]:
+    """The grid's rows, smaller slices first; ``grid-{preset}-{job}-{slice}``."""
+    rows = []
+    for name, topology in GRID_TOPOLOGIES.items():
+        chips = math.prod(int(d) for d in topology.split(":")[1].split("x"))
+        for preset in GRID_PRESETS:
+            for job in ("train", "ches"):
+                overrides = (_scan_full(chips) if job == "train" else
+                             ["mesh.data=1", f"mesh.fsdp={chips}", "model.scan_layers=true"])
+                rows.append(_row(f"grid-{preset.lower()}-{job}-{name}", preset, job, topology, overrides,
+                                 pairs=chips))
+    return rows
+
+
 def versions() -> dict:
     out = {}
     for name in ("jax", "jaxlib", "libtpu", "flax"):
@@ -207,7 +233,7 @@ def table(entries: dict[str, dict]) -> str:
     head = ("| row | model | job | topology (chips) | configuration | fits | GB per chip (of HBM) | step "
             "(estimate: overlap – serial) | MFU (estimate) | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for row in ROWS:
+    for row in ROWS + [g for g in grid_rows() if g["id"] in entries]:  # the grid's rows once compiled
         e = entries.get(row["id"])
         job = row["job"] + (f" {row['method']}" if row["method"] else "")
         if e is None:
@@ -251,16 +277,17 @@ def main() -> None:
     ap.add_argument("--force", action="store_true",
                     help="plan the --rows again even when done (after a code change; the new line wins)")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--grid", action="store_true", help="the issue's grid (grid_rows) instead of the hand-made rows")
     ap.add_argument("--hlo-dir", type=Path, help="also write each row's optimized HLO text here")
     args = ap.parse_args()
     # SIGTERM as an exception: subprocess.run then kills the row's compile instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    known = {r["id"]: r for r in ROWS}
+    known = {r["id"]: r for r in ROWS + grid_rows()}
     unknown = [r for r in args.rows or () if r not in known]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(known)}")
     if not args.table_only:
-        for row in (known[r] for r in args.rows) if args.rows else ROWS:
+        for row in (known[r] for r in args.rows) if args.rows else (grid_rows() if args.grid else ROWS):
             done = read_raw(args.raw).get(row["id"])
             if done and not (args.force and args.rows) and (done["status"] == "ok" or not args.retry_failed):
                 continue
