@@ -307,8 +307,8 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array
     """Rotary embedding in HF's "rotate half" layout; only the first ``2F`` dims rotate (partial RoPE)."""
     rot = 2 * inv_freq_F.shape[0]
     angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
-    # The [B, T, F] tables written once (the barrier), not re-evaluated per head element inside the
-    # consumers' fusions: 0.96x the CHES scorer's time on CPU (docs/benchmarks.md, session 7).
+    # On CPU the [B, T, F] tables are written once (the barrier), not re-evaluated per head element inside
+    # the consumers' fusions: 0.96x the CHES scorer's time (docs/benchmarks.md, session 7). Accelerators fuse.
     cos_BTF, sin_BTF = jnp.cos(angles_BTF) * attention_scaling, jnp.sin(angles_BTF) * attention_scaling
     if parallel.target_platform() == "cpu":
         cos_BTF, sin_BTF = jax.lax.optimization_barrier((cos_BTF, sin_BTF))
