@@ -558,9 +558,8 @@ def _run_plan(args) -> None:
                             max_compiles=args.max_compiles)
         result = found["best"]
         if result is None:
-            raise plan.ConfigError(f"--search: none of the {len(found['tried'])} configurations compiled fits "
-                                   f"({found['skipped']} skipped: parameters and optimizer state alone exceed "
-                                   "the chip memory); try more chips, bfloat16 params or a smaller batch")
+            raise plan.ConfigError(f"--search: {plan.search_summary(found)}; try a larger --max-compiles, "
+                                   "more chips, bfloat16 params or a smaller batch")
         result = dict(result, search=found["tried"], search_skipped=found["skipped"],
                       search_candidates=found["candidates"])
     else:

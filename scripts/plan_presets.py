@@ -21,6 +21,7 @@ last line of each row wins). Every number in it is an estimate of `jaxalign plan
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "docs" / "plan" / "presets.jsonl"
 DOC = ROOT / "docs" / "scale.md"
 BEGIN, END = "<!-- presets-table: begin (scripts/plan_presets.py) -->", "<!-- presets-table: end -->"
+GRID_BEGIN, GRID_END = "<!-- grid-matrix: begin (scripts/plan_presets.py) -->", "<!-- grid-matrix: end -->"
 BF16 = ["model.dtype=bfloat16"]  # float32 parameters and AdamW state, bfloat16 compute
 LORA = ["lora.target=[q,k,v]", "lora.r=64", "lora.alpha=128", "loss.reference=adapter_off"]
 SCAN_DOTS_4 = ["mesh.data=1", "mesh.fsdp=4", "model.remat=dots_with_no_batch_dims_saveable", "model.scan_layers=true"]
@@ -128,28 +130,64 @@ ROWS = [
 ]
 
 
-# The issue's grid (docs/scale.md): every preset whose layers scan × {train, ches} × these topologies, one
-# configuration rule per job (scanned layers; train: full remat and the fused pair pass; parameters and
-# pairs split over every chip). Gemma-2's alternating layers do not scan: its rows are the hand-made ones.
+# The issue's grid (docs/scale.md): every preset × {train, ches} × these topologies, one configuration rule per
+# job (scanned layers; train: full remat and the fused pair pass; parameters and pairs split over every chip),
+# then the gram entanglement probe (parameters replicated, one pair per chip) on each chip type's smallest slice.
 GRID_TOPOLOGIES = {"v5p-8": "v5p:2x2x1", "v5e-16": "v5e:4x4", "v6e-16": "v6e:4x4", "v5p-32": "v5p:2x2x4",
                    "v5e-64": "v5e:8x8", "v6e-64": "v6e:8x8", "v5p-128": "v5p:4x4x4", "v5e-256": "v5e:16x16",
                    "v6e-256": "v6e:16x16", "v5p-512": "v5p:8x8x4"}
 GRID_PRESETS = ["Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B", "Qwen2.5-7B", "OLMo-2-7B", "OLMo-2-13B",
                 "Llama-3.1-70B", "Qwen2.5-72B"]
+GRID_PRESETS_LATER = ["Gemma-2-9B", "Gemma-2-27B"]  # added once alternating layers scanned (Session 8)
+GRAM_TOPOLOGIES = ["v5p-8", "v5e-16", "v6e-16"]
+
+
+def _chips(topology: str) -> int:
+    return math.prod(int(d) for d in topology.split(":")[1].split("x"))
+
+
+def _grid_row(preset: str, job: str, name: str) -> dict:
+    """Train and ches scanned; gram unrolled: inside a scan every block's weights are used in a loop, which
+    the Gram analysis cannot follow, so it would form every per-pair gradient (docs/entanglement.md)."""
+    topology = GRID_TOPOLOGIES[name]
+    chips = _chips(topology)
+    split = ["mesh.data=1", f"mesh.fsdp={chips}"]
+    overrides = {"train": _scan_full(chips), "ches": split + ["model.scan_layers=true"], "gram": split}[job]
+    return _row(f"grid-{preset.lower()}-{job}-{name}", preset, "entangle" if job == "gram" else job, topology,
+                overrides, pairs=chips, method="gram" if job == "gram" else None)
+
+
+@functools.cache
+def replicated_gb(preset: str) -> float:
+    """GB of the preset's float32 parameters: what every chip holds in the gram probe (replicated)."""
+    from jaxalign.jobs import plan
+
+    hf = json.loads((ROOT / "configs" / "models" / f"{preset}.json").read_text())
+    return plan.model_dims(plan.abstract_model(hf, plan.run_config(None, [])))["params"] * 4 / 1e9
+
+
+def hbm_gb(topology: str) -> float:
+    from jaxalign.jobs import chips
+
+    return chips.from_topology(topology).hbm_bytes / 1e9
+
+
+def gram_can_fit(preset: str, name: str) -> bool:
+    """Whether the replicated parameters alone leave room on the chip (else the row is not compiled)."""
+    return replicated_gb(preset) < hbm_gb(GRID_TOPOLOGIES[name])
 
 
 def grid_rows() -> list[dict]:
-    """The grid's rows, smaller slices first; ``grid-{preset}-{job}-{slice}``."""
-    rows = []
-    for name, topology in GRID_TOPOLOGIES.items():
-        chips = math.prod(int(d) for d in topology.split(":")[1].split("x"))
-        for preset in GRID_PRESETS:
-            for job in ("train", "ches"):
-                overrides = (_scan_full(chips) if job == "train" else
-                             ["mesh.data=1", f"mesh.fsdp={chips}", "model.scan_layers=true"])
-                rows.append(_row(f"grid-{preset.lower()}-{job}-{name}", preset, job, topology, overrides,
-                                 pairs=chips))
-    return rows
+    """The grid's rows ``grid-{preset}-{job}-{slice}``: train and ches on each chip type's smallest slice,
+    the gram probe there, then the larger slices (smaller first)."""
+    presets = GRID_PRESETS + GRID_PRESETS_LATER
+
+    def train_and_ches(names):
+        return [_grid_row(p, job, name) for name in names for p in presets for job in ("train", "ches")]
+
+    gram = [_grid_row(p, "gram", name) for name in GRAM_TOPOLOGIES for p in presets if gram_can_fit(p, name)]
+    return (train_and_ches(GRAM_TOPOLOGIES) + gram
+            + train_and_ches([n for n in GRID_TOPOLOGIES if n not in GRAM_TOPOLOGIES]))
 
 
 def versions() -> dict:
@@ -207,12 +245,17 @@ def run_row(row: dict, timeout: float, hlo_dir: Path | None = None) -> dict:
 
 
 def read_raw(path: Path) -> dict[str, dict]:
-    """The last line of each row id in the raw file."""
+    """The last line of each row id in the raw file, its plan refreshed by ``plan.with_recompute`` (lines
+    written before Session 8 left rematerialisation's recomputation out of scanned steps' compute time)."""
+    from jaxalign.jobs import plan
+
     found = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
                 e = json.loads(line)
+                if e.get("plan"):
+                    e["plan"] = plan.with_recompute(e["plan"])
                 found[e["row"]["id"]] = e
     return found
 
@@ -258,13 +301,43 @@ def table(entries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(e: dict | None) -> str:
+    """One grid cell: GB per chip and the MFU range when it fits, ✗ and GB when not, – when not compiled."""
+    if e is None:
+        return "–"
+    if e["status"] != "ok":
+        return e["status"]
+    m, r = e["plan"]["memory"], e["plan"].get("roofline") or {}
+    if not m.get("fits"):
+        return f"✗ {m['total_bytes'] / 1e9:.1f}"
+    return f"{m['total_bytes'] / 1e9:.1f} · {100 * r['mfu_no_overlap']:.0f}–{100 * r['mfu']:.0f}%" if r else "fits"
+
+
+def grid_matrix(entries: dict[str, dict]) -> str:
+    """The grid as one line per preset and job, one column per topology (:func:`_cell`)."""
+    names = list(GRID_TOPOLOGIES)
+    lines = ["| preset | job | " + " | ".join(f"{n} ({_chips(GRID_TOPOLOGIES[n])})" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for preset in GRID_PRESETS + GRID_PRESETS_LATER:
+        for job in ("train", "ches", "gram"):
+            cells = [_cell(entries.get(f"grid-{preset.lower()}-{job}-{n}")) if job != "gram" else
+                     "" if n not in GRAM_TOPOLOGIES else
+                     _cell(entries.get(f"grid-{preset.lower()}-{job}-{n}")) if gram_can_fit(preset, n) else
+                     f"✗ params {replicated_gb(preset):.0f}" for n in names]
+            lines.append(f"| {preset} | {job} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _replace_between(text: str, begin: str, end: str, body: str, doc: Path) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: the markers {begin!r} and {end!r} are missing")
+    before, rest = text.split(begin, 1)
+    return before + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1]
+
+
 def write_table(entries: dict[str, dict], doc: Path) -> None:
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc}: the markers {BEGIN!r} and {END!r} are missing")
-    before, rest = text.split(BEGIN, 1)
-    after = rest.split(END, 1)[1]
-    doc.write_text(before + BEGIN + "\n" + table(entries) + "\n" + END + after)
+    text = _replace_between(doc.read_text(), BEGIN, END, table(entries), doc)
+    doc.write_text(_replace_between(text, GRID_BEGIN, GRID_END, grid_matrix(entries), doc))
 
 
 def main() -> None:

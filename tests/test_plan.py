@@ -321,6 +321,44 @@ def test_search_candidates_and_best(capsys):
     assert P.overrides_of(best)[:3] == [f"mesh.{k}={v}" for k, v in best["mesh"].items()]
 
 
+def test_remat_recompute_is_counted_scanned_or_not():
+    """Full remat runs each block's forward again: XLA's count of the unrolled step is ~4 forwards of the
+    blocks (3 + the recomputation; the logits are not rematerialised), which `recompute_flops` must
+    match; the scanned program's loop body is counted once by XLA, so its roofline takes the formula."""
+    tgt = P.target(cpu_devices=8, chip="v5p")
+    base = ["mesh.data=2", "mesh.fsdp=4", "model.remat=full"]
+    unrolled = P.plan(TINY, "tiny", "train", tgt, SHAPES, P.run_config(None, base))
+    want = _flops(TINY, SHAPES) + _flops(TINY, SHAPES, 1, False)  # 3 passes + the blocks' forward again
+    assert unrolled["flops"]["recompute_per_chip"] * 8 == pytest.approx(_flops(TINY, SHAPES, 1, False), rel=1e-9)
+    assert unrolled["flops"]["compiler_per_chip"] == pytest.approx(want / 8, rel=0.15)
+    scanned = P.plan(TINY, "tiny", "train", tgt, SHAPES, P.run_config(None, base + ["model.scan_layers=true"]))
+    assert scanned["flops"]["compiler_per_chip"] < 0.8 * want / 8  # the loop body once
+    f = scanned["flops"]
+    assert scanned["roofline_inputs"]["flops_per_chip"] == f["analytic_per_chip"] + f["recompute_per_chip"]
+    assert f["analytic_per_chip"] + f["recompute_per_chip"] == pytest.approx(want / 8, rel=0.01)
+    # a plan written before the recomputation was counted, refreshed from its own counts: the same roofline
+    old = dict(scanned, flops={k: v for k, v in f.items() if k != "recompute_per_chip"},
+               roofline_inputs=dict(scanned["roofline_inputs"],
+                                    flops_per_chip=max(f["compiler_per_chip"], f["analytic_per_chip"])))
+    assert P.with_recompute(old)["roofline"] == scanned["roofline"]
+    assert P.with_recompute(scanned) is scanned
+
+
+def test_search_skips_and_counts(capsys):
+    """A budget nothing fits (1 MB per device): every compiled candidate fails, no candidate with the
+    activation constraints off is compiled (its constrained twin did not fit), and every candidate is
+    accounted for once: compiled, skipped for one of the three reasons, or left untried."""
+    tgt = P.target(cpu_devices=8, chip="v5e", hbm_gb=1e-3)
+    found = P.search(TINY, "tiny", "train", tgt, SHAPES, max_compiles=2, remats=(None, "full"), log=lambda _: None)
+    assert found["best"] is None and len(found["tried"]) == 2
+    assert all(t["constrain"] and not t["fits"] for t in found["tried"])
+    assert found["skipped_unconstrained"] > 0 and found["skipped_dominated"] > 0
+    parts = ("skipped_state", "skipped_dominated", "skipped_unconstrained", "not_tried")
+    assert len(found["tried"]) + sum(found[k] for k in parts) == found["candidates"]
+    message = P.search_summary(found)
+    assert f"{found['skipped_unconstrained']} with the activation constraints off" in message
+
+
 def test_cpu_plan_probe_generate_entangle():
     tgt = P.target(cpu_devices=8, chip="v5p")
     run = P.run_config(None, ["mesh.data=2", "mesh.fsdp=4"])

@@ -5,7 +5,10 @@
   the KV-cache path (prompt, then continuation) and a jitted call.
 * Loaded from ``transformers`` weights and scanned: logits against ``transformers``' PyTorch forward;
   exported back: the very tensors of the file.
-* Layers that cannot share one program (Gemma 2's alternating windows, dense and MoE layers mixed, LoRA
+* Layers whose inputs alternate (Gemma 2's sliding-window and full-attention masks; Gemma 3's two RoPE
+  bases too) scan, each block selecting its own: against ``transformers`` and the unrolled model, with
+  windows shorter than the sequence so the two masks differ.
+* Layers that cannot share one program (dense and MoE layers mixed, a per-layer attention scale, LoRA
   adapters) give a ``ModelError`` naming the option; the stacked axis is never sharded.
 * ``jaxalign plan`` with ``model.scan_layers=true``: the same per-device parameter bytes as unrolled.
 """
@@ -141,8 +144,29 @@ def test_loaded_scanned_model_matches_transformers_and_exports_the_file(tmp_path
         np.testing.assert_array_equal(value, tensors[name], err_msg=name)
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_alternating_windows_scan_and_match_transformers(tmp_path, model_type):
+    path = hf_tiny.make_tiny(model_type, tmp_path / model_type)
+    hf = hf_tiny.make_model(model_type)
+    cfg = registry.config_from_hf(json.loads((path / "config.json").read_text()))
+    assert len({cfg.window(i) for i in range(cfg.num_layers)}) == 2  # the two masks differ (window 4 < 9)
+    tensors = safetensors.numpy.load_file(path / "model.safetensors")
+    unrolled = params.from_hf_tensors(None, cfg, tensors)
+    scanned = base.configure(nnx.clone(unrolled), scan_layers=True)
+    assert isinstance(scanned.layers, scan.ScannedLayers)
+    ids = np.random.default_rng(2).integers(3, hf_tiny.VOCAB, (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    ours = scanned(jnp.asarray(ids), jnp.asarray(mask))
+    assert np.abs(np.asarray(ours.logits) - ref).max() < TOL_HF
+    _close(ours.logits, unrolled(jnp.asarray(ids), jnp.asarray(mask)).logits, msg="unrolled")
+    first = scanned(jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]), cache=scanned.init_cache(2, 9))
+    second = scanned(jnp.asarray(ids[:, 6:]), jnp.asarray(mask[:, 6:]), cache=first.cache)
+    _close(second.logits, ours.logits[:, 6:], msg="cache path")
+
+
 @pytest.mark.parametrize("model_type,overrides,says", [
-    ("gemma2", {}, "sliding-window"),
     ("qwen3_moe", dict(mlp_only_layers=[0]), "differs from layer 0"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "differs from layer 0"),
 ])

@@ -652,6 +652,22 @@ def analytic_flops(job: str, dims: Mapping[str, int], shapes: Shapes, *, online_
     return {"total": total, "compiled_view": total}
 
 
+def recompute_flops(job: str, dims: Mapping[str, int], shapes: Shapes, remat: str | None) -> float:
+    """FLOPs a rematerialised train step runs again in its backward pass (all devices): the blocks'
+    forward under ``full`` (or ``nothing_saveable``), attention's two products under a ``dots…`` policy
+    (they have batch dims, so they are not saved), else 0. Hardware FLOPs = model FLOPs + these (the
+    "hardware FLOPs" of Chowdhery et al., PaLM, Appendix B). XLA's own count includes them, except in a
+    scanned program, whose loop body it counts once: the roofline takes the larger of the two."""
+    if job != "train" or not remat:
+        return 0.0
+    B, P, R = shapes.pairs, shapes.prompt_len, shapes.response_len
+    if remat in ("full", "nothing_saveable"):
+        return _forward(dims, B, P + 2 * R, P + R, 0)
+    if remat.startswith("dots"):
+        return B * 4.0 * dims["heads"] * dims["head_dim"] * dims["layers"] * (P + 2 * R) * (P + R)
+    return 0.0
+
+
 def tokens_per_step(job: str, shapes: Shapes) -> int:
     """Tokens a step processes: the prompt once plus both responses per pair (generate: new tokens)."""
     B, P, R = shapes.pairs, shapes.prompt_len, shapes.response_len
@@ -735,7 +751,9 @@ def _estimate(job: str, prog: Program, compiled, tgt: Target, dims, shapes, run,
         return est
     hbm_bytes = hbm_traffic(cost["bytes_accessed"], hlo, compiler_flops=cost["flops"],
                             analytic_flops=flops["compiled_view"] / n)
-    hw_flops = max(cost["flops"], flops["compiled_view"] / n)
+    recompute = recompute_flops(job, dims, shapes, run.model.remat)
+    est["flops"]["recompute_per_chip"] = recompute / n
+    hw_flops = max(cost["flops"], (flops["compiled_view"] + recompute) / n)
     if job == "generate":  # the decode loop's body is in the compiler's counts once: add the other steps
         hw_flops = flops["total"] / n
         hbm_bytes += (shapes.response_len - 2) * (prog.groups["params"] + _kv_bytes(dims, shapes, run, n))
@@ -840,6 +858,21 @@ def _options(job: str, run, prog: Program) -> dict[str, Any]:
     return out
 
 
+def with_recompute(p: dict) -> dict:
+    """``p`` as it would be with rematerialisation's recomputation in its hardware FLOPs
+    (:func:`recompute_flops`; plans written before Session 8 left it out of scanned programs), from the
+    counts the plan holds: no compile, no HLO. Plans that have it, or have no roofline, are returned as is."""
+    if "recompute_per_chip" in p.get("flops", {}) or not p.get("roofline_inputs") or p["job"] == "generate":
+        return p
+    n = p["chips"]
+    rec = recompute_flops(p["job"], p["dims"], Shapes(**p["shapes"]), p["options"].get("remat")) / n
+    flops = dict(p["flops"], recompute_per_chip=rec)
+    hw = max(flops["compiler_per_chip"], flops["analytic_per_chip"] + rec)
+    inputs = dict(p["roofline_inputs"], flops_per_chip=hw)
+    chip = chips_lib.get(p["chip"]["name"])
+    return dict(p, flops=flops, roofline_inputs=inputs, roofline=roofline(chip, n, **inputs))
+
+
 def reanalyse(p: dict, hlo: str) -> dict:
     """``p`` with its collectives and roofline recomputed from the program's saved HLO text (``--hlo``):
     a plan refreshed after the parser changes, without compiling again."""
@@ -917,44 +950,70 @@ def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None,
            max_compiles: int = 8, remats: Sequence[str | None] = SEARCH_REMAT, log=print) -> dict[str, Any]:
     """Plans the candidates (:func:`candidates`) and picks the fastest predicted one that fits.
 
-    Order: no remat before remat, less accumulation first, the state sharded over more devices first (fsdp
-    before tensor), the activation constraints on before off. Skipped without compiling: candidates whose
-    parameters and optimizer state alone exceed the chip, and candidates that keep at least the memory of
-    one that did not fit (same or more activations kept, same or more pairs per device, state over as many
-    devices or fewer, the same activation constraints). At most
-    ``max_compiles`` compiles. Returns ``{"best": plan or None, "tried": [summary rows], "skipped": n,
-    "candidates": n}``.
+    Order: the activation constraints on before off (off changes only the speed), less accumulation first,
+    the state sharded over more devices first (fsdp before tensor), and for each mesh every remat policy,
+    none first: remat adds compute but saves memory traffic, and which is faster the roofline decides,
+    so each mesh's policies are compiled before the next mesh's. Skipped without compiling: candidates whose parameters and optimizer state alone
+    exceed the chip (``skipped_state``); candidates that keep at least the memory of one that did not fit
+    (same or more activations kept, same or more pairs per device, state over as many devices or fewer,
+    the same activation constraints; ``skipped_dominated``); and a candidate with the activation
+    constraints off unless the same configuration with them on fit (off changes only the speed, and it
+    needed more memory in every pair this project compiled; ``skipped_unconstrained``). At most
+    ``max_compiles`` compiles; ``not_tried`` counts the candidates left after them. Returns ``{"best":
+    plan or None, "tried": [summary rows], "skipped": n, "candidates": n}`` plus those counts.
     """
     run = run or run_config()
     dims = model_dims(abstract_model(hf, run))
     cands = candidates(len(tgt.devices), shapes, dims["heads"] or 1, job=job, remats=remats)
-    cands.sort(key=lambda c: (-_REMAT_MEMORY.get(c["remat"], 1), c["grad_accum"],
-                              -c["mesh"][1] * c["mesh"][2], c["mesh"][2], not c["constrain"]))
+    cands.sort(key=lambda c: (not c["constrain"], c["grad_accum"], -c["mesh"][1] * c["mesh"][2], c["mesh"][2],
+                              -_REMAT_MEMORY.get(c["remat"], 1)))
     hbm = tgt.hbm_bytes
     state_bytes = _state_bytes_per_param(job, run)
-    tried, failed, skipped, best = [], [], 0, None
-    for c in cands:
-        too_big = hbm and dims["params"] * state_bytes / (c["mesh"][1] * c["mesh"][2]) > hbm
-        if too_big or any(_needs_no_less(c, f, shapes.pairs) for f in failed):
-            skipped += 1
-            continue
-        if len(tried) >= max_compiles:
+    tried, failed, fit, best = [], [], [], None
+    counts = dict(skipped_state=0, skipped_dominated=0, skipped_unconstrained=0, not_tried=0)
+    for i, c in enumerate(cands):
+        twin = dict(c, constrain=True)
+        if hbm and dims["params"] * state_bytes / (c["mesh"][1] * c["mesh"][2]) > hbm:
+            counts["skipped_state"] += 1
+        elif any(_needs_no_less(c, f, shapes.pairs) for f in failed):
+            counts["skipped_dominated"] += 1
+        elif not c["constrain"] and twin not in fit:
+            counts["skipped_unconstrained"] += 1
+        elif len(tried) >= max_compiles:
+            counts["not_tried"] = len(cands) - i
             break
-        trial = dataclasses.replace(
-            run, mesh=dataclasses.replace(run.mesh, data=c["mesh"][0], fsdp=c["mesh"][1], tensor=c["mesh"][2],
-                                          constrain_activations=c["constrain"]),
-            model=dataclasses.replace(run.model, remat=c["remat"]),
-            train=dataclasses.replace(run.train, grad_accum=c["grad_accum"]))
-        p = plan(hf, name, job, tgt, shapes, trial, method=method)
-        row = summary_row(p)
-        tried.append(row)
-        log("  tried " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in row.items()))
-        if not p["memory"].get("fits", True):
-            failed.append(c)
-        elif best is None or _step(p) < _step(best):
-            best = p
-    return {"best": best, "tried": tried, "skipped": skipped, "candidates": len(cands)}
+        else:
+            p = plan(hf, name, job, tgt, shapes, _with_candidate(run, c), method=method)
+            row = summary_row(p)
+            tried.append(row)
+            log("  tried " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in row.items()))
+            if not p["memory"].get("fits", True):
+                failed.append(c)
+                continue
+            fit.append(c)
+            if best is None or _step(p) < _step(best):
+                best = p
+    skipped = counts["skipped_state"] + counts["skipped_dominated"] + counts["skipped_unconstrained"]
+    return {"best": best, "tried": tried, "skipped": skipped, "candidates": len(cands), **counts}
+
+
+def _with_candidate(run, c: Mapping[str, Any]):
+    """``run`` with candidate ``c``'s mesh, activation constraints, remat policy and accumulation."""
+    return dataclasses.replace(
+        run, mesh=dataclasses.replace(run.mesh, data=c["mesh"][0], fsdp=c["mesh"][1], tensor=c["mesh"][2],
+                                      constrain_activations=c["constrain"]),
+        model=dataclasses.replace(run.model, remat=c["remat"]),
+        train=dataclasses.replace(run.train, grad_accum=c["grad_accum"]))
+
+
+def search_summary(found: Mapping[str, Any]) -> str:
+    """Why a search found nothing: how many it compiled, skipped for each reason, and left untried."""
+    return (f"none of the {len(found['tried'])} configurations compiled fits; skipped without compiling: "
+            f"{found['skipped_state']} whose parameters and optimizer state alone exceed the chip, "
+            f"{found['skipped_dominated']} that keep at least the memory of one that did not fit, "
+            f"{found['skipped_unconstrained']} with the activation constraints off whose constrained twin did "
+            f"not fit; {found['not_tried']} not tried (--max-compiles)")
 
 
 def _state_bytes_per_param(job: str, run) -> float:
@@ -1092,7 +1151,7 @@ def check_train(run, *, hbm_gb: float | None = None, max_compiles: int = 4, log=
     log(f"train --plan: does not fit; searching (at most {max_compiles} compiles)")
     found = search(hf, name, "train", tgt, shapes, run, max_compiles=max_compiles, log=log)
     hint = ("these overrides fit (estimate): " + " ".join(overrides_of(found["best"])) if found["best"] else
-            f"none of the {len(found['tried'])} configurations compiled fits ({found['skipped']} skipped): try "
-            "more devices, model.param_dtype=bfloat16, LoRA or a smaller train.batch_size")
+            search_summary(found) + "; try more devices, model.param_dtype=bfloat16, LoRA or a smaller "
+            "train.batch_size")
     raise DoesNotFit(f"train --plan: the step needs {m['total_bytes'] / 1e9:.3f} GB per device, more than "
                      f"the {m['hbm_bytes'] / 1e9:.3f} GB available on {tgt.label}; {hint}")

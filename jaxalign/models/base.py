@@ -391,17 +391,15 @@ def configure(model: nnx.Module, *, dtype=None, attention_impl: str | None = Non
 def set_scan_layers(model: nnx.Module, on: bool) -> nnx.Module:
     """Stacks ``model.layers`` for a scan over layers (``on``) or back into a list, in place.
 
-    ``ModelError`` naming ``model.scan_layers`` when the blocks differ (the structure, e.g. dense and
-    mixture-of-experts MLPs, or per-layer inputs, e.g. Gemma 2's alternating sliding windows). Stacking
-    copies the blocks' parameters once (the unstacked ones are freed when nothing else holds them)."""
+    ``ModelError`` naming ``model.scan_layers`` when the blocks differ in structure (e.g. dense and
+    mixture-of-experts MLPs) or carry LoRA adapters. Blocks that differ only in their inputs (Gemma 2's
+    alternating sliding-window and full-attention masks) scan, each selecting its own inside the loop.
+    Stacking copies the blocks' parameters once (the unstacked ones are freed when nothing else holds them)."""
     scanned = isinstance(model.layers, scan.ScannedLayers)
     if on and not scanned:
-        reason = model.layers_differ()
         if any(getattr(node, "lora", None) is not None for _, node in nnx.iter_graph(model.layers)):
-            reason = "LoRA adapters are attached (their per-layer paths are not stacked)"
-        if reason:
-            raise ModelError(f"model.scan_layers: {reason}; this model's layers cannot be scanned, set "
-                             "model.scan_layers=false")
+            raise ModelError("model.scan_layers: LoRA adapters are attached (their per-layer paths are not "
+                             "stacked); this model's layers cannot be scanned, set model.scan_layers=false")
         model.layers = scan.stack_layers(list(model.layers))
     elif scanned and not on:
         model.layers = scan.unstack_layers(model.layers)
@@ -650,24 +648,20 @@ class DecoderLM(nnx.Module):
 
         return remat_block(run, self.remat, prevent_cse=not scanned)
 
-    def layers_differ(self) -> str | None:
-        """Why the blocks cannot share one scanned program beyond their structure (per-layer inputs such
-        as sliding windows or RoPE), or ``None``; a family with such inputs overrides it."""
-        return None
-
     def run_layers(self, x_BTD: jax.Array, layer_args, cache: KVCache | None, *, softcap: float | None = None,
                    collect_hidden: bool = True):
         """Runs the blocks on the embeddings' output ``x_BTD``: a Python loop over ``self.layers``, or one
         ``lax.scan`` when they are stacked (``model.scan_layers``, :mod:`jaxalign.models.scan`).
 
         ``layer_args(i)`` gives block ``i``'s inputs before the cache (positions, mask, …); a scanned model
-        uses layer 0's for all (:meth:`layers_differ` guarantees they agree). Returns ``(x_BTD,
-        layer_hidden, cache)`` with ``layer_hidden`` the embeddings' output then each block's output (a
+        stacks the distinct ones and each block selects its own (:func:`scan.per_layer_inputs`). Returns
+        ``(x_BTD, layer_hidden, cache)`` with ``layer_hidden`` the embeddings' output then each block's output (a
         scanned model stacks them only when ``collect_hidden``; otherwise the list is empty)."""
         if isinstance(self.layers, scan.ScannedLayers):
             run = self.layer_runner(softcap, scanned=True)
             x_in_BTD = x_BTD
-            x_BTD, hidden, cache = scan.run_scanned(run, self.layers, x_BTD, layer_args(0), cache,
+            x_BTD, hidden, cache = scan.run_scanned(run, self.layers, x_BTD,
+                                                    [layer_args(i) for i in range(len(self.layers))], cache,
                                                     collect_hidden=collect_hidden)
             return x_BTD, [x_in_BTD] + hidden if collect_hidden else [], cache
         run = self.layer_runner(softcap)

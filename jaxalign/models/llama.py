@@ -394,17 +394,6 @@ class Llama(base.DecoderLM):
         self.final_norm = _norm(cfg, cfg.hidden_size, **p)
         self.make_lm_head(rngs, param_dtype)
 
-    def layers_differ(self) -> str | None:
-        """Why one scanned block cannot serve every layer: different windows or RoPEs, or ``None``."""
-        cfg = self.cfg
-        if len({cfg.window(i) for i in range(cfg.num_layers)}) > 1:
-            sliding = sum(t == SLIDING for t in cfg.layer_types)
-            return (f"the layers mix sliding-window and full attention ({sliding} of {cfg.num_layers} "
-                    "sliding in layer_types)")
-        if len({cfg.rope_of(i) for i in range(cfg.num_layers)}) > 1:
-            return "sliding and full layers use different RoPEs"
-        return None
-
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
                  cache: base.KVCache | None = None, return_logits: bool = True,
                  return_layer_hidden: bool = False, branch_BT: jax.Array | None = None) -> base.ModelOutput:

@@ -98,15 +98,35 @@ def unstack_layers(scanned: ScannedLayers) -> nnx.List:
     return nnx.List([layer(i) for i in range(scanned.num_layers)])
 
 
-def run_scanned(run: Callable, scanned: ScannedLayers, x_BTD: jax.Array, args: tuple, cache, *,
+def per_layer_inputs(layer_args: Sequence[tuple]):
+    """The blocks' inputs as scan operands: ``(shared, None)`` when every block gets the same objects,
+    else ``(stacked, index_L)`` with the ``U`` distinct input tuples stacked ``[U, …]`` and block ``l``
+    taking entry ``index_L[l]`` (Gemma 2: sliding-window and full-attention masks, ``U = 2``)."""
+    keys = [tuple(id(leaf) for leaf in jax.tree.leaves(args)) for args in layer_args]
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) == 1:
+        return layer_args[0], None
+    firsts = [layer_args[keys.index(k)] for k in distinct]
+    if len({jax.tree.structure(a) for a in firsts}) > 1 or any(
+            [x.shape for x in jax.tree.leaves(a)] != [x.shape for x in jax.tree.leaves(firsts[0])] for a in firsts):
+        raise ModelError("model.scan_layers: the layers' inputs (masks, RoPE tables) differ in shape; this "
+                         "model's layers cannot be scanned, set model.scan_layers=false")
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *firsts)
+    return stacked, jnp.asarray([distinct.index(k) for k in keys], jnp.int32)
+
+
+def run_scanned(run: Callable, scanned: ScannedLayers, x_BTD: jax.Array, layer_args: Sequence[tuple], cache, *,
                 collect_hidden: bool = False):
-    """``run(block, x_BTD, *args, cache)`` for each of the ``L`` stacked blocks in turn, with ``lax.scan``.
+    """``run(block, x_BTD, *layer_args[l], cache)`` for each of the ``L`` stacked blocks in turn, with
+    ``lax.scan``.
 
     Args:
       run: the model's layer runner (``DecoderLM.layer_runner``): returns ``(x_BTD, cache)``.
       scanned: the stacked blocks.
       x_BTD: the embeddings' output.
-      args: the per-call inputs every block shares (positions, RoPE frequencies, mask).
+      layer_args: block ``l``'s inputs (positions, RoPE frequencies, mask), one tuple per block; blocks
+        whose inputs are other objects (alternating windows) select theirs inside the loop
+        (:func:`per_layer_inputs`).
       cache: ``None`` or a ``KVCache`` with ``L`` layers of keys/values ``[B, S, K, H]``.
       collect_hidden: also return each block's output.
 
@@ -116,15 +136,17 @@ def run_scanned(run: Callable, scanned: ScannedLayers, x_BTD: jax.Array, args: t
     """
     graphdef, state = nnx.split(scanned.block)
     kv = None if cache is None else (jnp.stack(cache.keys), jnp.stack(cache.values))
+    inputs, index_L = per_layer_inputs(layer_args)
 
     def body(x_BTD, xs):
-        state_l, kv_l = xs
+        state_l, kv_l, index = xs
+        args = inputs if index is None else jax.tree.map(lambda a: a[index], inputs)
         view = None if kv_l is None else cache.replace(keys=(kv_l[0],), values=(kv_l[1],))
         x_BTD, view = run(nnx.merge(graphdef, state_l), x_BTD, *args, view)
         new_kv = None if view is None else (view.keys[0], view.values[0])
         return x_BTD, (x_BTD if collect_hidden else None, new_kv)
 
-    x_BTD, (hidden_LBTD, kv) = jax.lax.scan(body, x_BTD, (state, kv))
+    x_BTD, (hidden_LBTD, kv) = jax.lax.scan(body, x_BTD, (state, kv, index_L))
     hidden = None if hidden_LBTD is None else list(hidden_LBTD)
     if cache is not None:
         cache = cache.replace(keys=tuple(kv[0]), values=tuple(kv[1]))
