@@ -953,8 +953,8 @@ def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None,
     Order: the activation constraints on before off (off changes only the speed), less accumulation first,
     the state sharded over more devices first (fsdp before tensor), and for each mesh every remat policy,
     none first: remat adds compute but saves memory traffic, and which is faster the roofline decides,
-    so each mesh's policies are compiled before the next mesh's. Skipped without compiling: candidates whose parameters and optimizer state alone
-    exceed the chip (``skipped_state``); candidates that keep at least the memory of one that did not fit
+    so each mesh's policies are compiled before the next mesh's. Skipped without compiling: candidates
+    whose parameters and optimizer state alone exceed the chip (``skipped_state``); candidates that keep at least the memory of one that did not fit
     (same or more activations kept, same or more pairs per device, state over as many devices or fewer,
     the same activation constraints; ``skipped_dominated``); and a candidate with the activation
     constraints off unless the same configuration with them on fit (off changes only the speed, and it
