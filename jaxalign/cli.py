@@ -516,6 +516,9 @@ def _register_plan(subparsers) -> None:
                         "train.grad_accum=2, loss.reference=online, model.dtype=bfloat16)")
     p.add_argument("--job", default="train", choices=("train", "ches", "entangle", "probe", "generate"))
     p.add_argument("--method", default="gram", help="entangle: gram, exact or jvp (default gram)")
+    p.add_argument("--shard-params", action="store_true",
+                   help="entangle (gram): parameters sharded as training shards them (mesh.fsdp, mesh.tensor) "
+                        "and gathered at each use, for models whose parameters do not fit one chip")
     p.add_argument("--config", help="a train run config (YAML) whose model/loss/optim/train/mesh are used")
     p.add_argument("--pairs", type=int, help="pairs per step (default train.batch_size, else 8)")
     p.add_argument("--prompt-len", type=int, default=512, help="padded prompt length (default 512)")
@@ -555,7 +558,7 @@ def _run_plan(args) -> None:
                          args.response_len)
     if args.search:
         found = plan.search(hf, name, args.job, tgt, shapes, run, method=args.method,
-                            max_compiles=args.max_compiles)
+                            shard_params=args.shard_params, max_compiles=args.max_compiles)
         result = found["best"]
         if result is None:
             raise plan.ConfigError(f"--search: {plan.search_summary(found)}; try a larger --max-compiles, "
@@ -563,7 +566,8 @@ def _run_plan(args) -> None:
         result = dict(result, search=found["tried"], search_skipped=found["skipped"],
                       search_candidates=found["candidates"])
     else:
-        result = plan.plan(hf, name, args.job, tgt, shapes, run, method=args.method, hlo_path=args.hlo)
+        result = plan.plan(hf, name, args.job, tgt, shapes, run, method=args.method,
+                           shard_params=args.shard_params, hlo_path=args.hlo)
     print(plan.format_plan(result))
     if args.search:
         print("\nbest configuration found (estimate): " + " ".join(plan.overrides_of(result)))

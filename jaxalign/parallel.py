@@ -187,6 +187,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
     return jax.lax.with_sharding_constraint(x, target)
 
 
+def replicate(x: jax.Array) -> jax.Array:
+    """``x`` made whole on every device of the mesh set around the trace (an all-gather of a sharded
+    parameter: FSDP's gather before use); identity without a mesh or on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, P())
+
+
 def constrain_logits(logits_BTV: jax.Array, mesh: Mesh | None = None) -> jax.Array:
     """:func:`constrain` of logits ``[B, T, V]``: :data:`ACT_BTV` where the vocabulary tables are split
     by rows on this mesh (``V`` divides over fsdp × tensor), else :data:`ACT_BTV_ROWS`."""

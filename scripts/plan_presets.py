@@ -55,9 +55,10 @@ SCAN_FULL_64 = _scan_full(64)
 
 
 def _row(id_: str, model: str, job: str, topology: str, overrides=(), *, pairs: int = 8, prompt: int = 512,
-         response: int = 512, method: str | None = None, search: int = 0) -> dict:
-    return dict(id=id_, model=model, job=job, topology=topology, overrides=list(BF16) + list(overrides),
-                pairs=pairs, prompt_len=prompt, response_len=response, method=method, search=search)
+         response: int = 512, method: str | None = None, search: int = 0, shard_params: bool = False) -> dict:
+    row = dict(id=id_, model=model, job=job, topology=topology, overrides=list(BF16) + list(overrides),
+               pairs=pairs, prompt_len=prompt, response_len=response, method=method, search=search)
+    return dict(row, shard_params=True) if shard_params else row
 
 
 # Most useful first: issue #15's targets (8B DPO on v5p-8 and v5e-16), the LoRA run, the 1B/3B sizes
@@ -127,6 +128,12 @@ ROWS = [
     _row("70b-dpo-v5e-256", "Llama-3.1-70B", "train", "v5e:16x16",
          ["mesh.data=1", "mesh.fsdp=256", "model.remat=full", "data.fused_pairs=true", "model.scan_layers=true"],
          pairs=256),
+    # The 70B gram probe with its weights sharded (--shard-params) at half the grid's lengths (Session 9).
+    _row("70b-entangle-gram-fsdp-v5p-32-256", "Llama-3.1-70B", "entangle", "v5p:2x2x4", ["mesh.data=1", "mesh.fsdp=16"],
+         pairs=16, prompt=256, response=256, method="gram", shard_params=True),
+    # The same slice both ways: what sharding the weights costs and saves (8B, v5p-8; the grid's shapes).
+    _row("8b-entangle-gram-fsdp-v5p-8", "Llama-3.1-8B", "entangle", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"],
+         pairs=4, method="gram", shard_params=True),
 ]
 
 
@@ -140,6 +147,9 @@ GRID_PRESETS = ["Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B", "Qwen2.5-7B", "O
                 "Llama-3.1-70B", "Qwen2.5-72B"]
 GRID_PRESETS_LATER = ["Gemma-2-9B", "Gemma-2-27B"]  # added once alternating layers scanned (Session 8)
 GRAM_TOPOLOGIES = ["v5p-8", "v5e-16", "v6e-16"]
+# The gram probe with its weights sharded over the chips (--shard-params, Session 9): where the replicated
+# parameters take more than half a chip; the largest models first.
+GRAM_FSDP_TOPOLOGIES = ["v5p-32", "v6e-16", "v5e-16", "v5p-8"]
 
 
 def _chips(topology: str) -> int:
@@ -152,9 +162,10 @@ def _grid_row(preset: str, job: str, name: str) -> dict:
     topology = GRID_TOPOLOGIES[name]
     chips = _chips(topology)
     split = ["mesh.data=1", f"mesh.fsdp={chips}"]
-    overrides = {"train": _scan_full(chips), "ches": split + ["model.scan_layers=true"], "gram": split}[job]
-    return _row(f"grid-{preset.lower()}-{job}-{name}", preset, "entangle" if job == "gram" else job, topology,
-                overrides, pairs=chips, method="gram" if job == "gram" else None)
+    overrides = {"train": _scan_full(chips), "ches": split + ["model.scan_layers=true"]}.get(job, split)
+    gram = job.startswith("gram")
+    return _row(f"grid-{preset.lower()}-{job}-{name}", preset, "entangle" if gram else job, topology,
+                overrides, pairs=chips, method="gram" if gram else None, shard_params=job == "gram-fsdp")
 
 
 @functools.cache
@@ -177,17 +188,27 @@ def gram_can_fit(preset: str, name: str) -> bool:
     return replicated_gb(preset) < hbm_gb(GRID_TOPOLOGIES[name])
 
 
+def gram_fsdp_wanted(preset: str, name: str) -> bool:
+    """Whether the grid plans the sharded gram probe: the replicated parameters take more than half the
+    chip, and their shards fit it."""
+    gb, hbm = replicated_gb(preset), hbm_gb(GRID_TOPOLOGIES[name])
+    return gb > hbm / 2 and gb / _chips(GRID_TOPOLOGIES[name]) < hbm
+
+
 def grid_rows() -> list[dict]:
     """The grid's rows ``grid-{preset}-{job}-{slice}``: train and ches on each chip type's smallest slice,
-    the gram probe there, then the larger slices (smaller first)."""
+    the gram probe there, then the larger slices (smaller first), then the sharded gram probe."""
     presets = GRID_PRESETS + GRID_PRESETS_LATER
 
     def train_and_ches(names):
         return [_grid_row(p, job, name) for name in names for p in presets for job in ("train", "ches")]
 
     gram = [_grid_row(p, "gram", name) for name in GRAM_TOPOLOGIES for p in presets if gram_can_fit(p, name)]
+    by_size = sorted(presets, key=replicated_gb, reverse=True)
+    gram_fsdp = [_grid_row(p, "gram-fsdp", name) for name in GRAM_FSDP_TOPOLOGIES for p in by_size
+                 if gram_fsdp_wanted(p, name)]
     return (train_and_ches(GRAM_TOPOLOGIES) + gram
-            + train_and_ches([n for n in GRID_TOPOLOGIES if n not in GRAM_TOPOLOGIES]))
+            + train_and_ches([n for n in GRID_TOPOLOGIES if n not in GRAM_TOPOLOGIES]) + gram_fsdp)
 
 
 def versions() -> dict:
@@ -213,6 +234,8 @@ def command(row: dict, out: Path, hlo_dir: Path | None = None) -> list[str]:
            "--response-len", str(row["response_len"]), "--out", str(out)]
     if row["method"]:
         cmd += ["--method", row["method"]]
+    if row.get("shard_params"):
+        cmd += ["--shard-params"]
     if row["search"]:
         cmd += ["--search", "--max-compiles", str(row["search"])]
     if hlo_dir is not None:
@@ -319,13 +342,30 @@ def grid_matrix(entries: dict[str, dict]) -> str:
     lines = ["| preset | job | " + " | ".join(f"{n} ({_chips(GRID_TOPOLOGIES[n])})" for n in names) + " |",
              "|---|---|" + "---|" * len(names)]
     for preset in GRID_PRESETS + GRID_PRESETS_LATER:
-        for job in ("train", "ches", "gram"):
-            cells = [_cell(entries.get(f"grid-{preset.lower()}-{job}-{n}")) if job != "gram" else
-                     "" if n not in GRAM_TOPOLOGIES else
-                     _cell(entries.get(f"grid-{preset.lower()}-{job}-{n}")) if gram_can_fit(preset, n) else
-                     f"✗ params {replicated_gb(preset):.0f}" for n in names]
+        for job in ("train", "ches"):
+            cells = [_cell(entries.get(f"grid-{preset.lower()}-{job}-{n}")) for n in names]
             lines.append(f"| {preset} | {job} | " + " | ".join(cells) + " |")
+        lines.append(f"| {preset} | gram | " + " | ".join(_gram_cell(entries, preset, n) for n in names) + " |")
     return "\n".join(lines)
+
+
+def _gram_cell(entries: dict[str, dict], preset: str, name: str) -> str:
+    """The gram probe's cell: the replicated row where it fits, else the sharded one (marked "fsdp"), else
+    what is known (the replicated row that did not fit, or "✗ params": the replicated parameters alone
+    exceed the chip, not compiled)."""
+    # replicated rows only where the grid plans them (the raw file keeps Session 8's first, discarded tries)
+    rep = entries.get(f"grid-{preset.lower()}-gram-{name}") if gram_can_fit(preset, name) else None
+    wanted = name in GRAM_FSDP_TOPOLOGIES and gram_fsdp_wanted(preset, name)
+    sharded = entries.get(f"grid-{preset.lower()}-gram-fsdp-{name}") if wanted else None
+    if rep and rep["status"] == "ok" and rep["plan"]["memory"].get("fits"):
+        return _cell(rep)
+    if sharded:
+        return f"fsdp {_cell(sharded)}"
+    if rep:
+        return _cell(rep)
+    if name not in GRAM_TOPOLOGIES and not wanted:
+        return ""
+    return "–" if wanted else f"✗ params {replicated_gb(preset):.0f}"
 
 
 def _replace_between(text: str, begin: str, end: str, body: str, doc: Path) -> str:

@@ -26,6 +26,7 @@ from jaxalign import pairs  # noqa: E402
 from jaxalign.analysis import entanglement as ent  # noqa: E402
 from jaxalign.analysis import entanglement_gram as gram_lib  # noqa: E402
 from jaxalign.analysis import entanglement_tokens as tok_lib  # noqa: E402
+from jaxalign.errors import ConfigError  # noqa: E402
 
 FAMILIES = ["llama", "gpt2"]
 METHODS = ["exact", "jvp", "gram"]
@@ -390,6 +391,32 @@ def test_eight_devices_equal_one(gpt2):
     np.testing.assert_allclose(got.chosen_logps, want.chosen_logps, rtol=1e-5)
 
 
+def test_sharded_parameters_equal_replicated(llama):
+    """``shard_params``: weights stored over fsdp × tensor (as training places them), gathered at each use;
+    the same numbers as the one-device probe (itself checked against brute force and PyTorch here)."""
+    from jaxalign import parallel
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    r = llama["float32"]
+    mesh = parallel.make_mesh((1, 4, 2))
+    probe = ent.make_pair_grads(r["model"], method="auto", per_layer=True, mesh=mesh, compiler_options=FAST,
+                                shard_params=True)
+    specs = [x.sharding.spec for x in probe.diff]
+    assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs), specs
+    got = probe(llama["batch"])
+    want = r["got"]["gram"]
+    assert got.method == "gram"
+    scale = np.sqrt(want.grad_chosen_sqnorm * want.grad_rejected_sqnorm)
+    for field in ("grad_chosen_sqnorm", "grad_rejected_sqnorm", "grad_inner"):
+        _rel_close(getattr(got, field), getattr(want, field), scale, 1e-5, field)
+    _rel_close(got.layers, want.layers, scale[:, None, None], 1e-5, "layers")
+    np.testing.assert_allclose(got.chosen_logps, want.chosen_logps, rtol=1e-5)
+    for method in ("exact", "jvp"):
+        with pytest.raises(ConfigError, match="--shard-params"):
+            ent.make_pair_grads(r["model"], method=method, shard_params=True)
+
+
 def test_equals_pytorch_autograd(results):
     """``torch.autograd.grad`` of the summed response log-prob, one unpadded example at a time, all
     parameters of the transformers model (tied weights once), float64."""
@@ -569,6 +596,27 @@ def test_ref_model_equal_to_the_policy_gives_the_default_weights(cli_model, tmp_
     np.testing.assert_allclose(b.column("weight_rejected").to_numpy(), 0.25, rtol=0, atol=1e-5)
 
 
+def test_entangle_job_with_sharded_parameters(cli_model, tmp_path):
+    """``--shard-params`` on 8 devices: the job makes the mesh all-fsdp, the weights sharded over it, and
+    writes what the one-device job writes."""
+    from jaxalign import parallel, store
+    from jaxalign.jobs import entangle as entangle_job
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    model_path, data = cli_model
+    kw = dict(loss="sigmoid", beta=0.5, batch_size=8, on_bad_record="skip", progress=False,
+              compiler_options=FAST, method="gram")
+    entangle_job.run_entangle(model_path, data, str(tmp_path / "one"), **kw)
+    entangle_job.run_entangle(model_path, data, str(tmp_path / "sharded"), mesh=parallel.make_mesh(),
+                              shard_params=True, **kw)
+    a, b = (store.read_table(tmp_path / d / "pairs.parquet").to_pandas() for d in ("one", "sharded"))
+    assert a["index"].tolist() == b["index"].tolist() and len(a) == 7
+    scale = np.sqrt(a["grad_chosen_sqnorm"] * a["grad_rejected_sqnorm"]).to_numpy()
+    for field in ("grad_chosen_sqnorm", "grad_rejected_sqnorm", "grad_inner"):
+        _rel_close(b[field].to_numpy(), a[field].to_numpy(), scale, 1e-5, field)
+
+
 def test_zarr_rows_written_by_batch_and_resumed(tmp_path):
     """The zarr groups of the job: rows of non-contiguous batches land at their rows; a resumed run keeps
     what was written."""
@@ -605,8 +653,8 @@ def test_cli_wiring_and_errors(cli_model, tmp_path, monkeypatch, capsys):
     model_path, data = cli_model
     rc = cli.main(["entangle", "--model", model_path, "--data", data, "--out", str(tmp_path), "--loss",
                    "simpo", "--beta", "2", "--loss-option", "simpo_gamma=0.3", "--params", "q_proj",
-                   "--last-blocks", "1", "--per-layer", "--limit", "3", "--method", "gram"])
-    assert rc == 0
+                   "--last-blocks", "1", "--per-layer", "--limit", "3", "--method", "gram", "--shard-params"])
+    assert rc == 0 and seen["shard_params"]
     assert seen["loss"] == "simpo" and seen["beta"] == 2.0 and seen["loss_options"] == {"simpo_gamma": 0.3}
     assert seen["params"] == ["q_proj"] and seen["last_blocks"] == 1 and seen["per_layer"]
     assert seen["limit"] == 3 and seen["method"] == "gram"

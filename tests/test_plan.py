@@ -375,6 +375,14 @@ def test_cpu_plan_probe_generate_entangle():
     assert gen["flops"]["compiler_per_chip"] == pytest.approx(view / 8, rel=0.15)
     ent = P.plan(TINY, "tiny", "entangle", tgt, SHAPES, run, method="gram")
     assert ent["options"]["method"] == "gram" and ent["memory"]["params_bytes"] == 4 * _param_count(TINY)[2]
+    # --shard-params: the weights over fsdp = 4 (the norm scales whole), gathered before use; the pairs
+    # still split over all 8 devices (a device's FLOPs are its own pair's, not every pair's).
+    sh = P.plan(TINY, "tiny", "entangle", tgt, SHAPES, run, method="gram", shard_params=True)
+    norms = (2 * TINY["num_hidden_layers"] + 1) * TINY["hidden_size"]
+    assert sh["options"]["shard_params"] and sh["memory"]["params_bytes"] == 4 * (
+        (_param_count(TINY)[2] - norms) // 4 + norms)
+    assert sh["collectives"]["all-gather"]["count"] > 0 and not ent["collectives"]["all-gather"]["count"]
+    assert sh["flops"]["compiler_per_chip"] == pytest.approx(ent["flops"]["compiler_per_chip"], rel=0.05)
 
 
 SCAN_HLO = """HloModule scan

@@ -175,6 +175,7 @@ class SplitModel:
     selected: tuple[int, ...]
     leaves: tuple
     rest: Any
+    axes: tuple = ()  # per leaf, its logical axes (``nnx.Param`` metadata; ``None`` where it has none)
 
     @property
     def selected_names(self) -> tuple[str, ...]:
@@ -185,6 +186,12 @@ class SplitModel:
         diff = [leaves[i] for i in self.selected]
         fixed = [leaves[i] for i in range(len(leaves)) if i not in sel]
         return diff, fixed
+
+    def diff_shardings(self, mesh) -> list:
+        """The differentiated leaves' shardings on ``mesh`` by the model's sharding rules (as training
+        places them: FSDP and tensor axes)."""
+        axes = self.axes or (None,) * len(self.names)
+        return [parallel.named_sharding(axes[i], self.leaves[i].shape, mesh) for i in self.selected]
 
     def merge(self, diff, fixed, rest):
         from flax import nnx
@@ -214,8 +221,10 @@ def split_model(model, params: str | Sequence[str] | None = None,
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     names = tuple(leaf_name(p) for p, _ in flat)
     leaves = tuple(v for _, v in flat)
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    axes = tuple(getattr(v, "logical_axes", None) for v in variables) if len(variables) == len(leaves) else ()
     selected = select(names, params, last_blocks, lora.adapter_names(model, leaf_name))
-    return SplitModel(graphdef, treedef, names, selected, leaves, rest)
+    return SplitModel(graphdef, treedef, names, selected, leaves, rest, axes)
 
 
 def _float_split(tree):
@@ -401,12 +410,13 @@ class GramFactors(NamedTuple):
     exact_grads: list
 
 
-def gram_factors(plans: GramPlans, diff, fixed, rest, pair) -> GramFactors:
+def gram_factors(plans: GramPlans, diff, fixed, rest, pair, gather=None) -> GramFactors:
     """One forward pass of a pair (prompt once) with probes, and the backward passes of s_w and s_l.
 
     The two responses continue the prompt's cache as a batch of two and run backward batched; the two
     cache cotangents then go back through the prompt in one batched pass. Only the probes' cotangents
     (``δ`` of every Gram use) and the exact leaves' gradients are formed, never a Gram leaf's gradient.
+    ``gather``: Gram leaves stored sharded are made whole at each use (:func:`gram_lib.probed`).
     """
     ex_idx = plans.exact_leaves
     ex = [diff[i] for i in ex_idx]
@@ -419,7 +429,7 @@ def gram_factors(plans: GramPlans, diff, fixed, rest, pair) -> GramFactors:
 
     def prompt_fn(probes, ex_vals):
         (cache, h), rec = gram_lib.probed(plans.prompt, probes, assemble(ex_vals), fixed, rest,
-                                          pair["prompt_ids"], pair["prompt_mask"])
+                                          pair["prompt_ids"], pair["prompt_mask"], gather=gather)
         fl, ot, rebuild = _float_split(cache)
         return (fl, h), ((ot, rec), rebuild)
 
@@ -429,7 +439,7 @@ def gram_factors(plans: GramPlans, diff, fixed, rest, pair) -> GramFactors:
         def f(probes, ex_vals, fl_h):
             cache = rebuild(fl_h[0], ot)
             tok, rec = gram_lib.probed(plans.response, probes, assemble(ex_vals), fixed, rest, cache,
-                                       fl_h[1], ids, mask)
+                                       fl_h[1], ids, mask, gather=gather)
             return jnp.sum(tok), rec
 
         s, vjp, rec = jax.vjp(f, plans.response.zero_probes(), ex, (fl, h), has_aux=True)
@@ -468,9 +478,9 @@ def gram_stats(plans: GramPlans, fac: GramFactors, leaves: Sequence[int] | None 
     return stats
 
 
-def _pair_gram(sm, plans: GramPlans, diff, fixed, rest, pair):
+def _pair_gram(sm, plans: GramPlans, diff, fixed, rest, pair, gather=None):
     """Per-leaf stats ``[3, G]`` and ``s`` ``[2]`` of one pair from probes and token Gram matrices."""
-    fac = gram_factors(plans, diff, fixed, rest, pair)
+    fac = gram_factors(plans, diff, fixed, rest, pair, gather)
     stats = gram_stats(plans, fac)
     dtype = jnp.result_type(*[s.dtype for s in stats])
     return jnp.stack([s.astype(dtype) for s in stats], axis=1), fac.logps
@@ -609,8 +619,8 @@ class PairGrads(NamedTuple):
 
 def make_pair_grads(model, *, method: str = "auto", params: str | Sequence[str] | None = None,
                     last_blocks: int | None = None, per_layer: bool = False, chunk_size: int | None = None,
-                    mesh=None, budget: int | None = None, compiler_options: Mapping[str, Any] | None = None
-                    ) -> "PairGradsFn":
+                    mesh=None, budget: int | None = None, compiler_options: Mapping[str, Any] | None = None,
+                    shard_params: bool = False) -> "PairGradsFn":
     """A ``batch -> PairGrads`` function: per-pair gradient norms and inner products of ``model``.
 
     Args:
@@ -620,11 +630,16 @@ def make_pair_grads(model, *, method: str = "auto", params: str | Sequence[str] 
       last_blocks: only the parameters of the last ``n`` blocks (:func:`select`).
       per_layer: also return the per-leaf breakdown (``exact`` and ``gram``).
       chunk_size: pairs computed at once (vmapped); ``None`` sizes it to ``budget``.
-      mesh: a ``(data, fsdp, tensor)`` mesh: pairs sharded over ``data × fsdp``, parameters replicated.
-        The batch size must be a multiple of ``data × fsdp``.
+      mesh: a ``(data, fsdp, tensor)`` mesh: pairs sharded over ``data × fsdp``, parameters replicated
+        (or sharded: ``shard_params``). The batch size must be a multiple of ``data × fsdp``.
       budget: bytes of memory for the per-pair work (default :func:`memory_budget`).
       compiler_options: passed to ``jax.jit`` (e.g. ``{"xla_backend_optimization_level": "0"}`` halves
         CPU compile time for tiny models, as the tests do).
+      shard_params: store the differentiated parameters sharded by the model's rules (FSDP over
+        ``fsdp``, ``tensor``), as training does, and gather each weight whole right before each of its
+        uses (again in the backward pass): the memory of one pair's work plus one weight at a time
+        instead of every parameter on every device; the price is the gathers' traffic. For models whose
+        parameters do not fit one device (70B). Gram method only (``auto`` becomes ``gram``).
 
     Returns:
       a :class:`PairGradsFn`: call it with a mapping with :data:`BATCH_FIELDS` (the shared-prompt layout
@@ -632,15 +647,20 @@ def make_pair_grads(model, *, method: str = "auto", params: str | Sequence[str] 
       right-padded, EOS included) to get :class:`PairGrads`.
 
     Raises:
-      ConfigError: an unknown method, ``per_layer`` with ``jvp``, or patterns that select nothing.
+      ConfigError: an unknown method, ``per_layer`` with ``jvp``, ``shard_params`` with a method other
+        than gram, or patterns that select nothing.
     """
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if shard_params and method not in ("gram", "auto"):
+        raise ConfigError(f"sharded parameters (--shard-params) need --method gram, got {method!r}: the "
+                          "exact and jvp methods form whole per-pair gradients")
+    method = "gram" if shard_params else method
     if per_layer and method == "jvp":
         raise ConfigError("--per-layer needs --method exact, gram or auto (jvp gives totals only)")
     return PairGradsFn(split_model(model, params, last_blocks), method=method, per_layer=per_layer,
                        chunk_size=chunk_size, mesh=mesh, budget=budget or memory_budget(),
-                       compiler_options=compiler_options)
+                       compiler_options=compiler_options, shard_params=shard_params)
 
 
 class PairGradsFn:
@@ -653,9 +673,9 @@ class PairGradsFn:
     """
 
     def __init__(self, sm: SplitModel, *, method: str, per_layer: bool, chunk_size: int | None, mesh,
-                 budget: int, compiler_options):
+                 budget: int, compiler_options, shard_params: bool = False):
         self.split, self.method, self.per_layer, self.chunk_size = sm, method, per_layer, chunk_size
-        self.mesh, self.budget = mesh, budget
+        self.mesh, self.budget, self.shard_params = mesh, budget, shard_params
         self._plans: dict = {}
         self._choices: dict = {}
         self.diff, self.fixed = sm.split_leaves(list(sm.leaves))
@@ -665,7 +685,9 @@ class PairGradsFn:
             from jax.sharding import NamedSharding, PartitionSpec
 
             replicated = NamedSharding(mesh, PartitionSpec())
-            self.diff, self.fixed, self.rest = jax.device_put((self.diff, self.fixed, self.rest), replicated)
+            self.fixed, self.rest = jax.device_put((self.fixed, self.rest), replicated)
+            diff_sh = sm.diff_shardings(mesh) if shard_params else replicated
+            self.diff = jax.device_put(self.diff, diff_sh)
             self._rows = parallel.batch_sharding(mesh, 2)
 
     def _plans_for(self, P: int, R: int):
@@ -698,7 +720,8 @@ class PairGradsFn:
             per_pair = lambda pair: _pair_jvp(sm, diff, fixed, rest, pair)  # noqa: E731
         else:
             plans = self._plans_for(batch["prompt_ids"].shape[1], batch["chosen_ids"].shape[1])
-            per_pair = lambda pair: _pair_gram(sm, plans, diff, fixed, rest, pair)  # noqa: E731
+            gather = parallel.replicate if self.shard_params else None
+            per_pair = lambda pair: _pair_gram(sm, plans, diff, fixed, rest, pair, gather)  # noqa: E731
         stats, s2 = map_chunks(jax.vmap(per_pair), batch, chunk)
         return {"stats": stats, "logps": s2}
 

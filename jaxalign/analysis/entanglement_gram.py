@@ -307,8 +307,14 @@ def analyse(fn: Callable, leaves: Sequence[Any], *inputs) -> Plan:
                 opaque_leaves=frozenset(opaque))
 
 
-def probed(plan: Plan, probes: Sequence[jax.Array], leaves: Sequence[Any], *inputs):
+def probed(plan: Plan, probes: Sequence[jax.Array], leaves: Sequence[Any], *inputs,
+           gather: Callable[[jax.Array], jax.Array] | None = None):
     """Evaluates the planned function with ``probes`` added to the Gram uses' outputs.
+
+    ``gather``: for parameters stored sharded (FSDP), the function that makes a parameter whole
+    (e.g. a sharding constraint to replicated). Each Gram use then gathers its parameter right before
+    the use, inside a ``jax.checkpoint`` so that the backward pass gathers it again rather than keeping
+    every whole parameter alive from the forward pass to the backward one.
 
     Returns:
       ``(outputs, recorded)``: the function's outputs (its own pytree) and, per site, the recorded
@@ -331,10 +337,13 @@ def probed(plan: Plan, probes: Sequence[jax.Array], leaves: Sequence[Any], *inpu
                 sub, sub_consts = _sub_jaxpr(eqn)
                 outs = run(sub, sub_consts, invals, p)
             else:
-                with eqn.ctx.manager:
-                    ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-                outs = ans if eqn.primitive.multiple_results else [ans]
                 k = plan.site_at.get(p)
+                with eqn.ctx.manager:
+                    if k is not None and gather is not None:
+                        ans = _gathered_use(eqn, invals, plan.sites[k], gather)
+                    else:
+                        ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                outs = ans if eqn.primitive.multiple_results else [ans]
                 if k is not None:
                     recorded[k] = invals[plan.sites[k].operand]
                     outs = [outs[0] + probes[k].astype(outs[0].dtype)]
@@ -345,6 +354,19 @@ def probed(plan: Plan, probes: Sequence[jax.Array], leaves: Sequence[Any], *inpu
     flat_in = jax.tree.leaves((list(leaves), *inputs))
     outs = run(closed.jaxpr, closed.consts, flat_in, ())
     return jax.tree.unflatten(plan.out_tree, outs), recorded
+
+
+def _gathered_use(eqn, invals, site: Site, gather):
+    """One Gram use with its parameter operand gathered first (:func:`probed`'s ``gather``)."""
+    w = 0 if site.kind == "gather" else 1 - site.operand  # the parameter's operand position
+    params = eqn.primitive.get_bind_params(eqn.params)
+
+    def use(x, w_part):
+        vals = list(invals)
+        vals[site.operand], vals[w] = x, gather(w_part)
+        return eqn.primitive.bind(*vals, **params)
+
+    return jax.checkpoint(use)(invals[site.operand], invals[w])
 
 
 # --- Gram products ----------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from jaxalign import store
+from jaxalign import parallel, store
 from jaxalign.analysis import entanglement as ent
 from jaxalign.errors import ConfigError
 from jaxalign.jobs import common
@@ -90,6 +90,8 @@ def run(cfg: Entangle, *, mesh=None, progress: bool = True, after_batch: Callabl
       the summary (also ``summary.json``); ``None`` on processes other than the lead.
     """
     common.check_loss(cfg.loss, cfg.beta, cfg.loss_options)
+    if cfg.shard_params and mesh is not None:  # the weights over every device, and the pairs too
+        mesh = parallel.make_mesh((1, -1, 1), list(mesh.devices.flat))
     out = Path(cfg.out)
     table_path = out / "pairs.parquet"
     model, tokenizer, loaded, plan, lead = common.open_inputs(
@@ -102,7 +104,7 @@ def run(cfg: Entangle, *, mesh=None, progress: bool = True, after_batch: Callabl
     # the parameter selection (--params, --last-blocks) is checked here too, before anything is written
     probe = ent.make_pair_grads(model, method=cfg.method, params=cfg.params, last_blocks=cfg.last_blocks,
                            per_layer=cfg.per_layer, chunk_size=cfg.chunk_size, mesh=mesh,
-                           compiler_options=compiler_options)
+                           compiler_options=compiler_options, shard_params=cfg.shard_params)
     chunks = store.ChunkedTable(table_path, fingerprint=fingerprint(
         cfg, model=store.model_digest(cfg.model), ref=None if cfg.ref is None else store.model_digest(cfg.ref),
         adapter=None if cfg.adapter is None else store.model_digest(cfg.adapter),

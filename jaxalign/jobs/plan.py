@@ -9,7 +9,8 @@ rules (:mod:`jaxalign.parallel`), and the job's own jitted function is lowered a
 * ``ches`` — :func:`jaxalign.analysis.ches.pair_scores`, placed as :func:`jaxalign.analysis.ches.make_scorer`
   places it;
 * ``entangle`` — the jitted per-pair gradient function of :func:`jaxalign.analysis.entanglement.make_pair_grads`
-  (``--method gram|exact|jvp``; parameters replicated, pairs over ``data × fsdp``, as the probe places them);
+  (``--method gram|exact|jvp``; parameters replicated, or with ``--shard-params`` sharded as training shards
+  them and gathered at each use; pairs over ``data × fsdp``, as the probe places them);
 * ``probe`` — :func:`jaxalign.train.step.probe_step` (log-probs and CHES of the probe set);
 * ``generate`` — :func:`jaxalign.models.generate._generate` (prefill, then a ``while`` loop of decode steps).
 
@@ -340,25 +341,26 @@ def place(structs, shardings):
     return jax.tree.map(one, shardings, structs, is_leaf=lambda s: isinstance(s, NamedSharding))
 
 
-def _entangle_program(model, shapes: Shapes, mesh, method: str, budget: float) -> Program:
+def _entangle_program(model, shapes: Shapes, mesh, method: str, budget: float, shard_params: bool) -> Program:
     from jaxalign.analysis import entanglement
 
-    probe = entanglement.make_pair_grads(model, method=method, budget=int(budget))
+    probe = entanglement.make_pair_grads(model, method=method, budget=int(budget), shard_params=shard_params)
     choice = probe.choice(shapes.prompt_len, shapes.response_len)
     rows = int(mesh.shape["data"] * mesh.shape["fsdp"])
     chunk = -(-choice.chunk // rows) * rows  # as make_pair_grads rounds it on a mesh
     sm = probe.split
     diff, fixed = sm.split_leaves(list(sm.leaves))
     rep = _replicated(mesh)
+    diff_sh = sm.diff_shardings(mesh) if shard_params else rep
     batch, batch_sh = batch_structs(shapes, mesh, with_ref=False)
     batch = {k: batch[k] for k in entanglement.BATCH_FIELDS}
     batch_sh = {k: batch_sh[k] for k in entanglement.BATCH_FIELDS}
     with jax.set_mesh(mesh):
-        lowered = probe.jitted.lower(place(diff, rep), place(fixed, rep), place(sm.rest, rep),
+        lowered = probe.jitted.lower(place(diff, diff_sh), place(fixed, rep), place(sm.rest, rep),
                                      place(batch, batch_sh), method_=choice.method, chunk=chunk)
-    return Program(lowered, {"params": per_chip_bytes((diff, fixed), rep),
+    return Program(lowered, {"params": per_chip_bytes(diff, diff_sh) + per_chip_bytes(fixed, rep),
                              "batch": per_chip_bytes(batch, batch_sh)},
-                   {"method": choice.method, "chunk": min(chunk, shapes.pairs)})
+                   {"method": choice.method, "chunk": min(chunk, shapes.pairs), "shard_params": shard_params})
 
 
 def _generate_program(model, shapes: Shapes, mesh) -> Program:
@@ -717,7 +719,8 @@ def _check_batch(job: str, shapes: Shapes, shape: Sequence[int], grad_accum: int
                           f"does not divide over data×fsdp = {rows} devices")
 
 
-def build_program(job: str, model, run, shapes: Shapes, mesh, *, method: str, chip) -> Program:
+def build_program(job: str, model, run, shapes: Shapes, mesh, *, method: str, chip,
+                  shard_params: bool = False) -> Program:
     """Lowers ``job``'s jitted function for ``model`` (abstract) on ``mesh``."""
     if job == "train":
         return _train_program(model, run, shapes, mesh)
@@ -729,7 +732,7 @@ def build_program(job: str, model, run, shapes: Shapes, mesh, *, method: str, ch
         if method not in ENTANGLE_METHODS:
             raise ConfigError(f"--method must be one of {', '.join(ENTANGLE_METHODS)}, got {method!r}")
         budget = chip.hbm_bytes / 2 if chip else 4 << 30  # the probe's own rule: half the device memory
-        return _entangle_program(model, shapes, mesh, method, budget)
+        return _entangle_program(model, shapes, mesh, method, budget, shard_params)
     if job == "generate":
         return _generate_program(model, shapes, mesh)
     raise ConfigError(f"--job must be one of {', '.join(JOBS)}, got {job!r}")
@@ -780,7 +783,7 @@ def _kv_bytes(dims, shapes: Shapes, run, n: int) -> float:
 
 
 def plan(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *, method: str = "gram",
-         hlo_path: str | Path | None = None) -> dict[str, Any]:
+         shard_params: bool = False, hlo_path: str | Path | None = None) -> dict[str, Any]:
     """Compiles ``job`` for the model of ``hf`` on ``tgt`` and returns the plan (a JSON-able dict).
 
     Raises:
@@ -788,7 +791,9 @@ def plan(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *
         unknown job or method, a bad run option.
       ModelError: a config that is not a supported model.
 
-    ``hlo_path``: also write the compiled program's optimized HLO text there.
+    ``shard_params``: ``entangle`` with the parameters sharded by the training rules and gathered at each
+    use (``make_pair_grads(shard_params=True)``). ``hlo_path``: also write the compiled program's
+    optimized HLO text there.
     """
     run = run or run_config()
     shape = mesh_shape(run, len(tgt.devices))
@@ -798,7 +803,8 @@ def plan(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *
     dims = model_dims(model)
     t0 = time.perf_counter()
     with parallel.compiling_for(tgt.devices[0].platform):  # the target's kernels, not the host's
-        prog = build_program(job, model, run, shapes, mesh, method=method, chip=tgt.chip)
+        prog = build_program(job, model, run, shapes, mesh, method=method, chip=tgt.chip,
+                             shard_params=shard_params)
     lower_s = time.perf_counter() - t0  # tracing and lowering to StableHLO; the rest is XLA's compile
     compiled, refused = _compile(prog.lowered)
     compile_s = time.perf_counter() - t0
@@ -947,7 +953,7 @@ def _needs_no_less(c, failed, pairs: int) -> bool:
 
 
 def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None, *, method: str = "gram",
-           max_compiles: int = 8, remats: Sequence[str | None] = SEARCH_REMAT, log=print) -> dict[str, Any]:
+           shard_params: bool = False, max_compiles: int = 8, remats: Sequence[str | None] = SEARCH_REMAT, log=print) -> dict[str, Any]:
     """Plans the candidates (:func:`candidates`) and picks the fastest predicted one that fits.
 
     Order: the activation constraints on before off (off changes only the speed), less accumulation first,
@@ -983,7 +989,7 @@ def search(hf: dict, name: str, job: str, tgt: Target, shapes: Shapes, run=None,
             counts["not_tried"] = len(cands) - i
             break
         else:
-            p = plan(hf, name, job, tgt, shapes, _with_candidate(run, c), method=method)
+            p = plan(hf, name, job, tgt, shapes, _with_candidate(run, c), method=method, shard_params=shard_params)
             row = summary_row(p)
             tried.append(row)
             log("  tried " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

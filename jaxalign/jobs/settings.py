@@ -191,6 +191,8 @@ class Entangle:
     params: list | None = _params()
     last_blocks: int | None = _count("only the parameters of the last N blocks")
     per_layer: bool = _flag("also write layers.zarr (per parameter array)")
+    shard_params: bool = _flag("gram: keep the weights sharded over the devices (FSDP) and gather each at its "
+                               "use, for a model whose parameters do not fit one device", fingerprint=False)
     sketch_dim: int | None = _count("also write sketch.zarr: K-dim random projections of g_w and g_w - g_l",
                                     metavar="K")
     sketch_kind: str = option("gaussian", help="random projection of --sketch-dim",
