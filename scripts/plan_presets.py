@@ -131,6 +131,8 @@ ROWS = [
     # The 70B gram probe with its weights sharded (--shard-params) at half the grid's lengths (Session 9).
     _row("70b-entangle-gram-fsdp-v5p-32-256", "Llama-3.1-70B", "entangle", "v5p:2x2x4", ["mesh.data=1", "mesh.fsdp=16"],
          pairs=16, prompt=256, response=256, method="gram", shard_params=True),
+    _row("70b-entangle-gram-fsdp-v5p-128", "Llama-3.1-70B", "entangle", "v5p:4x4x4", ["mesh.data=1", "mesh.fsdp=64"],
+         pairs=64, method="gram", shard_params=True),
     # The same slice both ways: what sharding the weights costs and saves (8B, v5p-8; the grid's shapes).
     _row("8b-entangle-gram-fsdp-v5p-8", "Llama-3.1-8B", "entangle", "v5p:2x2x1", ["mesh.data=1", "mesh.fsdp=4"],
          pairs=4, method="gram", shard_params=True),
