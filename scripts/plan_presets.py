@@ -271,7 +271,8 @@ def run_row(row: dict, timeout: float, hlo_dir: Path | None = None) -> dict:
 
 def read_raw(path: Path) -> dict[str, dict]:
     """The last line of each row id in the raw file, its plan refreshed by ``plan.with_recompute`` (lines
-    written before Session 8 left rematerialisation's recomputation out of scanned steps' compute time)."""
+    written before Session 8 left rematerialisation's recomputation out of scanned steps' compute time)
+    and ``plan.with_reparsed_refusal`` (a refused program's memory from libtpu's other message form)."""
     from jaxalign.jobs import plan
 
     found = {}
@@ -280,7 +281,7 @@ def read_raw(path: Path) -> dict[str, dict]:
             if line.strip():
                 e = json.loads(line)
                 if e.get("plan"):
-                    e["plan"] = plan.with_recompute(e["plan"])
+                    e["plan"] = plan.with_reparsed_refusal(plan.with_recompute(e["plan"]))
                 found[e["row"]["id"]] = e
     return found
 

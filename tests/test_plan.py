@@ -445,6 +445,14 @@ def test_a_refused_program_prints_its_memory_and_the_reason():
          "shapes": {"pairs": 16, "prompt_len": 512, "response_len": 512}, "memory": mem}
     text = P.format_plan(p)
     assert "DOES NOT FIT: the compiler refused the program" in text and "HLO temporaries (20.5G)" in text
+    # libtpu's other wording gives the whole program's use: the temporaries are the rest after the arguments.
+    other = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory "
+             "in memory space hbm. Used 31.39G of 31.25G hbm. Exceeded hbm capacity by 152.06M.")
+    mem = P._refused_memory(other, {"params": 3 * 10**9}, 32e9)
+    assert mem["total_bytes"] == int(31.39 * 2**30) and mem["temp_bytes"] == int(31.39 * 2**30) - 3 * 10**9
+    old = dict(p, memory={"params_bytes": 3 * 10**9, "fits": False, "compiler_error": other, "temp_bytes": None,
+                          "total_bytes": 3 * 10**9, "hbm_bytes": 32 * 10**9})
+    assert P.with_reparsed_refusal(old)["memory"]["total_bytes"] == int(31.39 * 2**30)
 
 
 def test_in_place_updates_are_not_loop_traffic():

@@ -842,13 +842,28 @@ def _refused_memory(message: str, groups: Mapping[str, int], hbm: float | None) 
     """The memory section of a plan the compiler refused: the argument groups, the temporaries the message
     names (XLA's ``G`` is GiB), fits = False."""
     out: dict[str, Any] = {f"{k}_bytes": int(v) for k, v in groups.items()}
-    m = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
-    out.update(fits=False, compiler_error=message, temp_bytes=int(float(m.group(1)) * 2**30) if m else None)
-    out["total_bytes"] = sum(groups.values()) + (out["temp_bytes"] or 0)
+    args = sum(groups.values())
+    temp = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
+    used = re.search(r"Used ([\d.]+)G of [\d.]+G hbm", message)  # libtpu's other form: the whole program
+    temp_bytes = (int(float(temp.group(1)) * 2**30) if temp else
+                  max(int(float(used.group(1)) * 2**30) - args, 0) if used else None)
+    out.update(fits=False, compiler_error=message, temp_bytes=temp_bytes)
+    out["total_bytes"] = args + (temp_bytes or 0)
     if hbm:
         out.update(hbm_bytes=int(hbm), headroom_bytes=int(hbm - out["total_bytes"]),
                    headroom_fraction=(hbm - out["total_bytes"]) / hbm)
     return out
+
+
+def with_reparsed_refusal(p: dict) -> dict:
+    """``p`` with the memory of a refused program read again from the compiler's message
+    (:func:`_refused_memory`; plans written before Session 9 missed libtpu's "Used …G of …G hbm" form)."""
+    m = p.get("memory") or {}
+    if "compiler_error" not in m:
+        return p
+    groups = {k[:-6]: v for k, v in m.items()
+              if k.endswith("_bytes") and k not in ("temp_bytes", "total_bytes", "hbm_bytes", "headroom_bytes")}
+    return dict(p, memory=_refused_memory(m["compiler_error"], groups, m.get("hbm_bytes")))
 
 
 def _options(job: str, run, prog: Program) -> dict[str, Any]:
