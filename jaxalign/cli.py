@@ -549,6 +549,8 @@ def _run_plan(args) -> None:
                         ("--response-len", args.response_len), ("--slices", args.slices),
                         ("--cpu-devices", args.cpu_devices), ("--max-compiles", args.max_compiles)):
         _at_least(flag, value, 1)
+    if args.shard_params and args.job != "entangle":
+        raise plan.ConfigError(f"--shard-params is for --job entangle (gram), not --job {args.job}")
     raw = yaml.safe_load(open(args.config)) if args.config else None
     run = plan.run_config(raw, args.overrides)
     hf, name = plan.model_config(args.model)

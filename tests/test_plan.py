@@ -206,6 +206,8 @@ def test_cli_plan_ches_json_and_errors(tmp_path, capsys):
     assert rc == 2 and "mesh" in capsys.readouterr().err
     rc = cli.main(["plan", "no-such-model", "--cpu-devices", "8"])
     assert rc == 2 and "preset" in capsys.readouterr().err
+    rc = cli.main(["plan", str(cfg), "--job", "ches", "--cpu-devices", "8", "--shard-params"])
+    assert rc == 2 and "--shard-params" in capsys.readouterr().err
 
 
 # --- TPU topologies through libtpu ------------------------------------------------------------------
