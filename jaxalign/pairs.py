@@ -150,8 +150,11 @@ def encode_pair(model, pb: PairBatch, *, layer_hidden: bool = False):
     ids_BT = jnp.concatenate([pb.prompt_ids_BP, pb.chosen_ids_BR, pb.rejected_ids_BR], axis=1)
     mask_BT = jnp.concatenate([m.astype(bool) for m in (pb.prompt_mask_BP, pb.chosen_mask_BR,
                                                         pb.rejected_mask_BR)], axis=1)
-    branch_1T = jnp.asarray(np.repeat(np.arange(3, dtype=np.int32), (P, R, R))[None])
-    out = model(ids_BT, mask_BT, branch_BT=branch_1T, return_logits=False, return_layer_hidden=layer_hidden)
+    if whole_row_attention_pays(P, R):
+        branches = jnp.asarray(np.repeat(np.arange(3, dtype=np.int32), (P, R, R))[None])
+    else:
+        branches = (P, R, 2)  # attention per part: models/base.py, Branches
+    out = model(ids_BT, mask_BT, branch_BT=branches, return_logits=False, return_layer_hidden=layer_hidden)
 
     def columns(fn):
         return out._replace(hidden=fn(out.hidden), layer_hidden=None if out.layer_hidden is None else
@@ -205,16 +208,28 @@ def run_length(R: int) -> int:
     return R - 1 if R > 1 else R
 
 
-def fused_pays(P: int, R: int) -> bool:
-    """Whether ``pair_forward(fused=True)`` is the faster forward pass for prompts padded to ``P`` and
-    responses to ``R``: on CPU, when the responses are short beside the prompt (``8·run_length(R) ≤ P``).
+def fused_pays() -> bool:
+    """Whether ``pair_forward(fused=True)`` is the faster forward pass: on CPU, at every measured shape.
 
-    Measured with ``scripts/bench_ab.py --program ches`` on SmolLM2-135M (docs/benchmarks.md, "Changes
-    tried (issue 20, session 7)"): 0.93–0.98× the cache path's time at ``P = 56, R = 4``, 1.02× at
-    ``P = 64, R = 12``, 1.11× at ``P = 64, R = 64`` (the fused attention scores the masked chosen ×
-    rejected block). Not measured on accelerators: ``False`` there.
+    Measured with ``scripts/bench_ab.py`` on SmolLM2-135M (docs/benchmarks.md, "Changes tried (issue 20,
+    session 10)"): the CHES scorer 0.96× the KV-cache path's time at ``P = 56, R = 4``, 0.985× at
+    ``P = 64, R = 64``, 1.00× at ``P = 64, R = 256``; the train step 1.00× at ``P = 96, R = 32``, with 3%
+    fewer XLA temporaries. Not measured on accelerators: ``False`` there.
     """
-    return parallel.target_platform() == "cpu" and 8 * run_length(R) <= P
+    return parallel.target_platform() == "cpu"
+
+
+def whole_row_attention_pays(P: int, R: int) -> bool:
+    """Whether the one pass (:func:`encode_pair`, ``R`` response columns run) attends over the whole row
+    ``[prompt | chosen | rejected]`` under a branch mask rather than per part (``models/base.py``,
+    ``Branches``): on CPU, when the responses are short beside the prompt (``8·R ≤ P``).
+
+    The whole row scores the masked prompt × response and chosen × rejected blocks too; per part does not,
+    but runs more, smaller operations. Measured (docs/benchmarks.md, "Changes tried (issue 20, session
+    10)"): the whole row 0.97–0.98× per part's time at ``P = 56, R = 3`` (the CHES scorer's shape), per part
+    0.90× the whole row's at ``P = 64, R = 63`` and 0.98× at ``P = 96, R = 31`` (the train step's).
+    """
+    return parallel.target_platform() == "cpu" and 8 * R <= P
 
 
 def _leading_columns(pb: PairBatch, R: int) -> PairBatch:
@@ -240,7 +255,7 @@ def pair_forward(model, *batch, logps: bool = True, hidden_sums: bool = False, c
         of block ``i`` before any final norm, negative from the end). Log-probs always use the final ones.
       fused: one pass over ``[prompt | chosen | rejected]`` rows (:func:`encode_pair`) instead of the
         prompt into a KV cache tiled for the responses (:func:`encode_prompt`, :func:`continue_responses`).
-        Equal results; on CPU not faster for the train step (docs/benchmarks.md, "Changes tried").
+        Equal results; on CPU faster or as fast at every measured shape (:func:`fused_pays`).
 
     Returns:
       :class:`PairOutput`.

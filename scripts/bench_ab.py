@@ -15,7 +15,7 @@ memory); ``telemetry`` (``telemetry-sgd``) — the same step with ``telemetry.pa
 
     python scripts/bench_ab.py --program train --variants cache,fused --rounds 6
     python scripts/bench_ab.py --program train --variants einsum,base --profile   # profile_programs' tables
-    python scripts/bench_ab.py --program ches --variants cache,fused --shape 8,64,64   # other shapes
+    python scripts/bench_ab.py --program ches --variants cache,fused+rows,fused+parts --shape 8,64,64   # other shapes
     python scripts/bench_ab.py --tiny --rounds 2          # seconds: a 2-layer random Llama
 
 Prints each variant's median and every round's ratio to the first variant, with the 1-minute load average;
@@ -154,12 +154,22 @@ def _rope_per_element():
     return _patched(base, "apply_rope", apply_rope)
 
 
+def _whole_row_attention(on: bool):
+    """The one pass's attention (with ``fused``) over the whole row under a branch mask (``on``) or per part
+    (``base.Branches``), whatever ``pairs.whole_row_attention_pays`` picks for the shape."""
+    from jaxalign import pairs
+
+    return _patched(pairs, "whole_row_attention_pays", lambda P, R: on)
+
+
 #: variant atom -> a context manager active while the program is traced; a variant is atoms joined by
 #: "+" (``cache+apart``), ``base`` the code as it is.
 VARIANTS = {
     "base": contextlib.nullcontext,
     "cache": lambda: _pair_forward_with(fused=False),  # the prompt into a KV cache, tiled (the default)
     "fused": lambda: _pair_forward_with(fused=True),  # [prompt | chosen | rejected] rows, one pass
+    "rows": lambda: _whole_row_attention(True),  # with `fused`: attention over the whole row, branch-masked
+    "parts": lambda: _whole_row_attention(False),  # with `fused`: attention per part (prompt; each response)
     "apart": _first_token_apart,  # the first response token's log-prob by its own unembedding
     "einsum": _plain_einsum,  # the projections as plain einsums (no rows_matmul)
     "narrow": _rows_matmul_narrow,  # rows_matmul only where the input is no wider than the output

@@ -2,12 +2,14 @@
 
 * ``base.branch_positions`` against a brute-force count: each branch token's position and visible keys are
   those of the row ``[trunk | its branch]`` alone;
+* ``base.Branches`` (the static layout that attends per part) against the same brute force: positions, and
+  the trunk's and branches' masks over their own keys (gaps, both padding sides, a sliding window);
 * ``pair_forward(fused=True)`` (rows ``[prompt | chosen | rejected]``, responses as branches) equals the
   KV-cache path ``fused=False`` on several families (sliding windows and soft-capping included);
 * ``base.contract`` (``rows_matmul``) equals a float64 NumPy einsum in value and gradients;
 * responses that fill their padded length (the EOS in the last column, which ``pair_forward`` does not run:
   ``pairs.run_length``) give the full rows' log-probs, sums and gradients on both layouts, and the CHES
-  scorer's short-response layout (``pairs.fused_pays``) gives the full rows' scores.
+  scorer's one pass (``pairs.fused_pays``, the whole row for short responses) gives the full rows' scores.
 """
 
 import os
@@ -58,10 +60,62 @@ def test_branch_positions_match_brute_force():
     np.testing.assert_array_equal(np.asarray(pos[5, P + R:]), np.arange(P, P + R))
 
 
+def _brute_mask(q_pos, q_valid, k_pos, k_valid, window=None):
+    """[Tq, Tk] by the definition: a valid query sees valid keys at positions <= its own (within the
+    window); a padding query sees the first valid key only."""
+    m = np.zeros((len(q_pos), len(k_pos)), bool)
+    for t in range(len(q_pos)):
+        if q_valid[t]:
+            m[t] = k_valid & (k_pos <= q_pos[t]) & ((q_pos[t] - k_pos) < window if window else True)
+        else:
+            m[t, np.argmax(k_valid)] = True
+    return m
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_static_branches_attend_per_part_as_brute_force(window):
+    rng = np.random.default_rng(4)
+    P, R, C = 5, 3, 2
+    branch = np.repeat(np.arange(C + 1), [P] + [R] * C)
+    masks = np.ones((5, P + C * R), np.int32)
+    masks[0, :2] = 0  # left-padded prompt
+    masks[1, 3:P] = 0  # right-padded prompt
+    masks[2, P + 1:P + R] = 0  # short first branch
+    masks[3] = rng.integers(0, 2, P + C * R)  # gaps anywhere
+    masks[3, 0] = 1  # (at least one valid key for every query)
+    layout = base.Branches(P, R, C)
+    pos = np.asarray(layout.positions(jnp.asarray(masks)))
+    valid = jnp.asarray(masks).astype(bool)
+    split = base.attention_mask_BTS(jnp.asarray(pos), jnp.asarray(pos), valid,
+                                    base.BranchKeys(jnp.asarray(pos), valid, layout), sliding_window=window)
+    assert isinstance(split, base.SplitMask)
+    assert split.trunk_BPP.shape == (5, P, P) and split.branches_NRS.shape == (5 * C, R, P + R)
+    for b in range(len(masks)):
+        want_pos, _ = _brute_positions(masks[b], branch)
+        np.testing.assert_array_equal(pos[b], want_pos)
+        m = masks[b].astype(bool)
+        np.testing.assert_array_equal(np.asarray(split.trunk_BPP[b]),
+                                      _brute_mask(want_pos[:P], m[:P], want_pos[:P], m[:P], window))
+        for j in range(C):
+            cols = np.r_[0:P, P + j * R:P + (j + 1) * R]  # the row [trunk | branch j]
+            np.testing.assert_array_equal(
+                np.asarray(split.branches_NRS[b * C + j]),
+                _brute_mask(want_pos[cols[P:]], m[cols[P:]], want_pos[cols], m[cols], window), err_msg=f"{b} {j}")
+    # the split and the join are inverses, and each branch row's keys are its own trunk, then itself
+    x = jnp.arange(5 * (P + C * R) * 2).reshape(5, P + C * R, 2)
+    trunk, branches = layout.split_rows(x)
+    np.testing.assert_array_equal(np.asarray(layout.join_rows(trunk, branches)), np.asarray(x))
+    keys = np.asarray(layout.keys(trunk, branches))
+    np.testing.assert_array_equal(keys[3 * C + 1], np.asarray(x)[3, np.r_[0:P, P + R:P + 2 * R]])
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3_moe"])
-@pytest.mark.parametrize("prompt_side", ["left", "right"])
-def test_fused_pair_forward_equals_cache_path(family, prompt_side, tmp_path):
+@pytest.mark.parametrize("prompt_side,whole_row", [("left", False), ("right", False), ("left", True)])
+def test_fused_pair_forward_equals_cache_path(family, prompt_side, whole_row, tmp_path, monkeypatch):
     from jaxalign.models import load_pretrained
+
+    # both attention forms of the one pass: per part (base.Branches) and the whole row under a branch mask
+    monkeypatch.setattr(pairs, "whole_row_attention_pays", lambda P, R: whole_row)
 
     model, _ = load_pretrained(make_tiny(family, tmp_path / family, seed=5))
     batch = _shared_batch(_examples(4), prompt_side)
@@ -119,9 +173,12 @@ def _tight_batch(ex, prompt_side="left"):
     return {k: v[:, :-1] if k.startswith(("chosen", "rejected")) else v for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_responses_filling_their_length_equal_full_rows(fused, tmp_path):
+@pytest.mark.parametrize("layout", ["cache", "per_part", "whole_row"])
+def test_responses_filling_their_length_equal_full_rows(layout, tmp_path, monkeypatch):
     from jaxalign.models import load_pretrained
+
+    fused = layout != "cache"
+    monkeypatch.setattr(pairs, "whole_row_attention_pays", lambda P, R: layout == "whole_row")
 
     model, _ = load_pretrained(make_tiny("llama", tmp_path / "llama", seed=7))
     ex = _examples(2)
@@ -161,7 +218,8 @@ def test_ches_scorer_short_responses_take_one_pass_and_equal_full_rows(tmp_path)
            rng.integers(3, 60, size=r - 1).tolist() + [2]) for P, c, r in ((17, 3, 2), (9, 2, 3), (20, 1, 3))]
     batch = _tight_batch(ex)
     P, R = batch["prompt_ids"].shape[1], batch["chosen_ids"].shape[1]
-    assert pairs.fused_pays(P, R) and not pairs.fused_pays(P, 4 * R)
+    assert pairs.fused_pays() and pairs.whole_row_attention_pays(P, R - 1)
+    assert not pairs.whole_row_attention_pays(P, 4 * R)  # longer responses: attention per part
     got = jax.jit(lambda b: ches.pair_scores(model, *(b[k] for k in pairs.KEYS), return_sums=True))(batch)
     rows = _full_rows(ex, "left")
     ref = jax.jit(lambda r: pairs.sequence_forward(model, *r, logps=False, hidden_sums=True))(rows)

@@ -267,9 +267,10 @@ def test_trace_time_kernel_choices_follow_the_target_platform():
     assert "custom_jvp_call" in cpu and "optimization_barrier" in cpu
     assert "custom_jvp_call" not in tpu and "optimization_barrier" not in tpu
     with parallel.compiling_for("cpu"):
-        assert pairs.fused_pays(56, 4)
+        assert pairs.fused_pays() and pairs.whole_row_attention_pays(56, 3)
     with parallel.compiling_for("tpu"):
-        assert parallel.target_platform() == "tpu" and not pairs.fused_pays(56, 4)
+        assert parallel.target_platform() == "tpu" and not pairs.fused_pays()
+        assert not pairs.whole_row_attention_pays(56, 3)
 
 
 def test_a_tpu_plan_traces_for_tpu(monkeypatch):

@@ -104,13 +104,15 @@ def test_tiny_ches_scorer_dot_flops_match_the_formula(tmp_path):
     D, F, N, K, H, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                         cfg.num_layers)
     per_token = 2 * L * (D * N * H * 2 + D * K * H * 2 + 3 * D * F)
-    # The KV-cache layout at these shapes; the responses run without their last column (it predicts nothing).
+    # The one pass attending per part at these shapes; the responses run without their last column (it
+    # predicts nothing).
     from jaxalign import pairs
 
-    assert not pairs.fused_pays(P, R)
     Rr = pairs.run_length(R)
-    # Scores and weighted sums over every cache slot (P + Rr keys), the prompt once and 2B responses.
-    attention = 2 * 2 * L * N * H * (B * P + 2 * B * Rr) * (P + Rr)
+    assert pairs.fused_pays() and not pairs.whole_row_attention_pays(P, Rr)
+    # Scores and weighted sums: the prompt over its P keys, each of the 2B responses over its P + Rr keys
+    # (no score of the masked prompt × response or chosen × rejected blocks).
+    attention = 2 * 2 * L * N * H * (B * P * P + 2 * B * Rr * (P + Rr))
     expected = per_token * (B * P + 2 * B * Rr) + attention
     # The hidden-sum and score einsums add a few [B, D]-sized dots (< 1% of the model's at these sizes).
     assert r["matmul_gflop_per_call"] * 1e9 == pytest.approx(expected, rel=1e-2)

@@ -15,7 +15,7 @@ likely to *lower* ``log π(y+|x)``. LN-CHES is the one to filter with: raw CHES 
 
 Pure functions (:func:`hidden_sum`, :func:`ches`, :func:`ln_ches`, :func:`scores_from_sums`) work on any
 batch; :func:`pair_scores` runs a model on a batch of pairs with the prompt computed once
-(:func:`jaxalign.pairs.pair_forward`, no logits; one fused pass when the responses are short,
+(:func:`jaxalign.pairs.pair_forward`, no logits; on CPU one pass over ``[prompt | chosen | rejected]``,
 :func:`jaxalign.pairs.fused_pays`); :func:`make_scorer` jits it with the batch sharded over
 a mesh's ``data``/``fsdp`` axes. The whole-dataset job (tokenize, sort by length, score, write Parquet,
 resume) is :func:`jaxalign.jobs.ches.run_ches`.
@@ -145,7 +145,7 @@ def pair_scores(model, prompt_ids: jax.Array, prompt_mask: jax.Array, chosen_ids
     """
     out = pairs.pair_forward(model, prompt_ids, prompt_mask, chosen_ids, chosen_mask, rejected_ids,
                              rejected_mask, logps=False, hidden_sums=True, layer=layer,
-                             fused=pairs.fused_pays(prompt_ids.shape[1], chosen_ids.shape[1]))
+                             fused=pairs.fused_pays())
     result = scores_from_sums(out)
     if return_sums:
         result.update(chosen_sum=out.chosen_hidden_sum, rejected_sum=out.rejected_hidden_sum)

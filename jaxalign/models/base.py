@@ -15,13 +15,17 @@ The calling convention of every model (``model(input_ids_BT, attention_mask_BT, 
   Generation uses the same path one token at a time.
 * Branches (``branch_BT``, no cache): one row ``[trunk | branch 1 | branch 2 …]`` whose branches each
   continue the trunk without seeing each other (:func:`branch_positions`): the shared-prompt pair in one
-  pass, ``[prompt | chosen | rejected]``, with no cache written or tiled.
+  pass, ``[prompt | chosen | rejected]``, with no cache written or tiled. An integer ``branch_BT`` masks
+  the whole ``[T, T]`` score block; a static layout ``(trunk, length, count)`` (:class:`Branches`) attends
+  per part, the trunk over itself and each branch over ``[trunk | itself]``, never scoring masked blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -129,9 +133,12 @@ def attention_mask_BTS(q_pos_BT, k_pos_BS, q_valid_BT, k_valid_BS, sliding_windo
     """Boolean ``[B, T, S]``: valid keys at positions ``<=`` the query's (and within the window).
 
     ``k_valid`` is ``[B, S]``, or ``[B, T, S]`` when validity depends on the query (branches:
-    :func:`branch_positions`). A padding query attends to the first valid key only, so no softmax row is
-    empty (no NaN gradients); its output is never used.
+    :func:`branch_positions`), or a :class:`BranchKeys` (a static branch layout), which gives a
+    :class:`SplitMask` of the parts instead. A padding query attends to the first valid key only, so no
+    softmax row is empty (no NaN gradients); its output is never used.
     """
+    if isinstance(k_valid_BS, BranchKeys):
+        return _split_mask(q_pos_BT, q_valid_BT, k_valid_BS, sliding_window)
     k_valid_BTS = k_valid_BS[:, None, :] if k_valid_BS.ndim == 2 else k_valid_BS
     allowed = (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]) & k_valid_BTS
     if sliding_window is not None:
@@ -158,6 +165,83 @@ def branch_positions(attention_mask_BT: jax.Array, branch_BT: jax.Array) -> tupl
     seen_BT = jnp.sum(visible_BTS & jnp.tril(jnp.ones((T, T), bool)), axis=-1, dtype=jnp.int32)
     positions_BT = jnp.where(valid_BT, jnp.maximum(seen_BT - 1, 0), seen_BT)
     return positions_BT, visible_BTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Branches:
+    """A static ``branch_BT``: rows ``[trunk | branch 1 | … | branch count]``, ``count`` branches of
+    ``length`` columns after a ``trunk`` of ``trunk`` columns (the shared-prompt pair ``[prompt | chosen |
+    rejected]``: ``Branches(P, R, 2)``).
+
+    Each branch sees the trunk and itself, as with an integer ``branch_BT``, and attention runs per part
+    (:class:`SplitMask`): the trunk over its own keys, the branches batched over ``[trunk | own branch]``
+    keys, so the masked trunk × branch and branch × branch blocks of a ``[T, T]`` mask are never scored.
+    The keys are the same, in the same order, as a branch continuing the trunk's KV cache.
+    """
+
+    trunk: int
+    length: int
+    count: int
+
+    def split_rows(self, x_BT_: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[B, T, …]`` → the trunk ``[B, trunk, …]`` and the branches ``[B·count, length, …]`` (branch ``j``
+        of row ``b`` at row ``b·count + j``: a row's branches stay beside it, on its device when the rows
+        are sharded)."""
+        B, rest = x_BT_.shape[0], x_BT_.shape[2:]
+        return x_BT_[:, :self.trunk], x_BT_[:, self.trunk:].reshape(B * self.count, self.length, *rest)
+
+    def join_rows(self, trunk_BP_: jax.Array, branches_NR_: jax.Array) -> jax.Array:
+        """The inverse of :meth:`split_rows`."""
+        B, rest = trunk_BP_.shape[0], branches_NR_.shape[2:]
+        return jnp.concatenate([trunk_BP_, branches_NR_.reshape(B, self.count * self.length, *rest)], axis=1)
+
+    def keys(self, trunk_BP_: jax.Array, branches_NR_: jax.Array) -> jax.Array:
+        """The keys of each branch row: ``[B·count, trunk + length, …]`` = its row's trunk, then itself."""
+        return jnp.concatenate([jnp.repeat(trunk_BP_, self.count, axis=0), branches_NR_], axis=1)
+
+    def positions(self, attention_mask_BT: jax.Array) -> jax.Array:
+        """Positions ``[B, T]``: the trunk's from its mask; a branch's continue its row's valid trunk
+        tokens (as ``KVCache.next_positions`` does for a branch run after the trunk)."""
+        trunk_BP, branches_NR = self.split_rows(attention_mask_BT.astype(jnp.int32))
+        offset_N = jnp.repeat(jnp.sum(trunk_BP, axis=1), self.count)
+        return self.join_rows(positions_from_mask(trunk_BP), positions_from_mask(branches_NR, offset_N))
+
+
+@struct.dataclass
+class BranchKeys:
+    """The keys' validity of a :class:`Branches` call (``DecoderLM.call_positions`` gives it in place of a
+    ``[B, S]`` array): :func:`attention_mask_BTS` turns it into a :class:`SplitMask`."""
+
+    positions_BT: jax.Array
+    valid_BT: jax.Array
+    layout: Branches = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class SplitMask:
+    """The attention mask of a :class:`Branches` call, per part: ``trunk_BPP`` ``[B, P, P]`` and
+    ``branches_NRS`` ``[B·count, R, P + R]`` (keys: the row's trunk, then the branch). :func:`attend`
+    attends each part over its own keys and joins the outputs."""
+
+    trunk_BPP: jax.Array
+    branches_NRS: jax.Array
+    layout: Branches = struct.field(pytree_node=False)
+
+    def attend(self, attend_fn, q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) -> jax.Array:
+        """``[B, T, N, H]``: ``attend_fn(q, k, v, mask)`` on the trunk and on the branches, joined."""
+        split = self.layout.split_rows
+        (q_p, q_b), (k_p, k_b), (v_p, v_b) = split(q_BTNH), split(k_BTKH), split(v_BTKH)
+        out_trunk = attend_fn(q_p, k_p, v_p, self.trunk_BPP)
+        out_branches = attend_fn(q_b, self.layout.keys(k_p, k_b), self.layout.keys(v_p, v_b), self.branches_NRS)
+        return self.layout.join_rows(out_trunk, out_branches)
+
+
+def _split_mask(q_pos_BT, q_valid_BT, keys: BranchKeys, sliding_window: int | None) -> SplitMask:
+    L = keys.layout
+    (qp_p, qp_b), (qv_p, qv_b) = L.split_rows(q_pos_BT), L.split_rows(q_valid_BT)
+    (kp_p, kp_b), (kv_p, kv_b) = L.split_rows(keys.positions_BT), L.split_rows(keys.valid_BT)
+    return SplitMask(attention_mask_BTS(qp_p, kp_p, qv_p, kv_p, sliding_window),
+                     attention_mask_BTS(qp_b, L.keys(kp_p, kp_b), qv_b, L.keys(kv_p, kv_b), sliding_window), L)
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array, *,
@@ -273,6 +357,10 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     """
     q_BTNH = parallel.constrain(q_BTNH, parallel.ACT_BTNH)
     k_BSKH, v_BSKH = (parallel.constrain(a, parallel.ACT_BTKH) for a in (k_BSKH, v_BSKH))
+    if isinstance(mask_BTS, SplitMask):
+        out_BTNH = mask_BTS.attend(functools.partial(_attend, scale=scale, softcap=softcap, impl=impl),
+                                   q_BTNH, k_BSKH, v_BSKH)
+        return parallel.constrain(out_BTNH, parallel.ACT_BTNH)
     out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, softcap=softcap, impl=impl)
     return parallel.constrain(out_BTNH, parallel.ACT_BTNH)
 
@@ -616,15 +704,22 @@ class DecoderLM(nnx.Module):
                                      cfg.hidden_size), param_dtype), logical_axes=("vocab", "embed"))
 
     @staticmethod
-    def call_positions(attention_mask_BT: jax.Array, cache: KVCache | None, branch_BT: jax.Array | None = None):
+    def call_positions(attention_mask_BT: jax.Array, cache: KVCache | None,
+                       branch_BT: jax.Array | tuple | None = None):
         """Positions ``[B, T]`` of this call's tokens, their validity, the keys' positions and validity
         ``[B, S]`` (this call's tokens, or the cache's slots), and the cache holding this call's tokens.
 
-        With ``branch_BT`` (no cache) the keys' validity is ``[B, T, S]``: :func:`branch_positions`."""
+        With ``branch_BT`` (no cache) the keys' validity is ``[B, T, S]``: :func:`branch_positions`; with a
+        static ``branch_BT`` ``(trunk, length, count)`` (:class:`Branches`) it is a :class:`BranchKeys`, whose
+        masks attend per part."""
         valid_BT = attention_mask_BT.astype(bool)
         if branch_BT is not None:
             if cache is not None:
                 raise ModelError("branch_BT and a cache cannot be combined")
+            if isinstance(branch_BT, tuple):  # a static layout: attention per part
+                layout = Branches(*branch_BT)
+                positions_BT = layout.positions(attention_mask_BT)
+                return positions_BT, valid_BT, positions_BT, BranchKeys(positions_BT, valid_BT, layout), None
             positions_BT, visible_BTS = branch_positions(attention_mask_BT, branch_BT)
             return positions_BT, valid_BT, positions_BT, visible_BTS, None
         if cache is None:

@@ -168,7 +168,7 @@ class GPT2(base.DecoderLM):
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
                  cache: base.KVCache | None = None, return_logits: bool = True,
-                 return_layer_hidden: bool = False, branch_BT: jax.Array | None = None) -> base.ModelOutput:
+                 return_layer_hidden: bool = False, branch_BT: jax.Array | tuple | None = None) -> base.ModelOutput:
         positions_BT, valid_BT, k_pos_BS, k_valid_BS, cache = self.call_positions(attention_mask_BT, cache, branch_BT)
         mask_BTS = base.attention_mask_BTS(positions_BT, k_pos_BS, valid_BT, k_valid_BS)
         # Positions past n_positions are clipped (padding may sit one past the last token).

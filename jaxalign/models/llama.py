@@ -396,7 +396,7 @@ class Llama(base.DecoderLM):
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
                  cache: base.KVCache | None = None, return_logits: bool = True,
-                 return_layer_hidden: bool = False, branch_BT: jax.Array | None = None) -> base.ModelOutput:
+                 return_layer_hidden: bool = False, branch_BT: jax.Array | tuple | None = None) -> base.ModelOutput:
         """Forward pass; see :mod:`jaxalign.models.base` for positions, masks and the cache."""
         cfg = self.cfg
         positions_BT, valid_BT, k_pos_BS, k_valid_BS, cache = self.call_positions(attention_mask_BT, cache, branch_BT)
