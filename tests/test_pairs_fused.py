@@ -107,6 +107,9 @@ def test_static_branches_attend_per_part_as_brute_force(window):
     np.testing.assert_array_equal(np.asarray(layout.join_rows(trunk, branches)), np.asarray(x))
     keys = np.asarray(layout.keys(trunk, branches))
     np.testing.assert_array_equal(keys[3 * C + 1], np.asarray(x)[3, np.r_[0:P, P + R:P + 2 * R]])
+    # a layout that does not cover the rows is refused by name
+    with pytest.raises(base.ModelError, match=r"branch_BT \(5, 3, 3\) .* covers 14 columns; the rows have 11"):
+        base.DecoderLM.call_positions(jnp.asarray(masks), None, (P, R, 3))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3_moe"])

@@ -718,6 +718,10 @@ class DecoderLM(nnx.Module):
                 raise ModelError("branch_BT and a cache cannot be combined")
             if isinstance(branch_BT, tuple):  # a static layout: attention per part
                 layout = Branches(*branch_BT)
+                if layout.trunk + layout.count * layout.length != attention_mask_BT.shape[1]:
+                    raise ModelError(f"branch_BT {branch_BT} (trunk, length, count) covers "
+                                     f"{layout.trunk + layout.count * layout.length} columns; the rows have "
+                                     f"{attention_mask_BT.shape[1]}")
                 positions_BT = layout.positions(attention_mask_BT)
                 return positions_BT, valid_BT, positions_BT, BranchKeys(positions_BT, valid_BT, layout), None
             positions_BT, visible_BTS = branch_positions(attention_mask_BT, branch_BT)
