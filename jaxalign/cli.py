@@ -585,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxalign", formatter_class=_formatter,
         description="Margin-based preference optimisation in JAX, and the diagnostics of how it fails "
                     "(likelihood displacement, gradient entanglement).",
-        epilog="example:\n  jaxalign losses --table")
+        epilog="example:\n  jaxalign losses --table\n\n"
+               "environment:\n  JAXALIGN_KEEP_HOST_MEMORY=0  return freed host memory to the OS (on a CPU the command "
+               "keeps it:\n                               no page faults per step, docs/training.md)")
     parser.add_argument("--version", action="version", version=f"jaxalign {jaxalign.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _REGISTER:
@@ -614,5 +616,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> int:
+    """The installed ``jaxalign`` command: :func:`main` in a process that keeps its freed host memory when
+    JAX computes on the CPU (:mod:`jaxalign.hostmem`; in-process callers of :func:`main` keep theirs)."""
+    from jaxalign import hostmem
+
+    if hostmem.computes_on_cpu():
+        hostmem.keep_host_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

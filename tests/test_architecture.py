@@ -22,7 +22,7 @@ LAYERS = (
     ("models",),
     ("pairs", "losses"),
     ("logprobs",),
-    ("parallel", "store", "config", "errors", "plots", "report", "__init__"),
+    ("parallel", "store", "config", "errors", "plots", "report", "hostmem", "__init__"),
 )
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 MAX_LINES = 80
