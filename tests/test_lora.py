@@ -268,7 +268,10 @@ def test_lora_dpo_step_equals_hand_computation(folder, tmp_path):
             want_b = (m.lora_B["default"].weight - 2.0 * m.lora_B["default"].weight.grad).detach().numpy()
             np.testing.assert_allclose(got["lora_a"].reshape(-1, 2).T, want_a, atol=1e-6)  # grad A = 0 (B = 0)
             assert np.abs(want_b).max() > 1e-3
-            np.testing.assert_allclose(got["lora_b"].reshape(2, -1).T, want_b, rtol=1e-3, atol=1e-6)
+            # float32 sums over tokens and heads: an element's error scales with the array's largest terms,
+            # not with the element (an AVX2-only EPYC put 1.3e-6 on one of 1.6e-4 where the largest is 0.23)
+            np.testing.assert_allclose(got["lora_b"].reshape(2, -1).T, want_b, rtol=1e-3,
+                                       atol=2e-5 * np.abs(want_b).max())
     after = [np.asarray(x) for x in jax.tree.leaves(nnx_params(model))]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     rest_kernels = [np.asarray(x) for x in jax.tree.leaves(run.rest)]
