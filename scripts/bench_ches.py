@@ -41,7 +41,7 @@ import bench_record
 import numpy as np
 
 METHODS = ("paper", "batched", "batched-sorted", "jaxalign")
-#: Not run by default: jaxalign without its host-memory policy (``JAXALIGN_KEEP_HOST_MEMORY=0``), to
+#: Not run by default: jaxalign without its host-memory policy (glibc's defaults), to
 #: measure the policy side by side.
 EXTRA_METHODS = ("jaxalign-system-malloc",)
 

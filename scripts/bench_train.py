@@ -158,7 +158,7 @@ def _child(side: str, args) -> dict:
 
 
 #: side -> its run function. ``trl-kept-memory`` is TRL with jaxalign's host-memory policy applied to its
-#: process, ``jaxalign-system-malloc`` jaxalign without it (``JAXALIGN_KEEP_HOST_MEMORY=0``): the policy's
+#: process, ``jaxalign-system-malloc`` jaxalign without it (glibc's defaults): the policy's
 #: effect on each side, measured in the same run.
 SIDES = {"trl": run_trl, "trl-kept-memory": run_trl, "jaxalign": lambda a: run_jax(a, False),
          "jaxalign-system-malloc": lambda a: run_jax(a, False), "jaxalign-online": lambda a: run_jax(a, True),
