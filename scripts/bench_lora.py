@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_forward import _cpu_name, _default_model  # noqa: E402
+from bench_forward import _default_model  # noqa: E402
+from bench_record import cpu_name as _cpu_name  # noqa: E402
 from bench_train import _pairs, _peak_mb  # noqa: E402
 
 SIDES = ("load", "full-online", "full-cached", "lora")
